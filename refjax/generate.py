@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from refjax.data.prompts import PromptFormat, bucket_length, pad_batch
-from refjax.models.decoder import Decoder, KVCache
+from refjax.models.decoder import Decoder, KVCache, Unstacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,49 +50,67 @@ def _pick(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Ar
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "stop_ids", "pad_id"))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
            rng: jax.Array, *, sampling: SamplingConfig, stop_ids: tuple[int, ...],
-           pad_id: int) -> tuple[jax.Array, jax.Array]:
+           pad_id: int, unstacked: Unstacked | None = None) -> tuple[jax.Array, jax.Array]:
   """Left-padded prompts tokens/mask [B,P] -> new tokens [B,N] (pad after stop) and lengths [B].
 
-  The stop token itself is kept in the output and counted in the length.
+  The stop token itself is kept in the output and counted in the length. The decode loop runs
+  the layers unrolled from `unstacked` (see `unstack`); without it they are sliced here, once
+  per call (a full weight copy: pass a cached one when decoding many batches).
   """
   model: Decoder = nnx.merge(graphdef, state)
   b, p = tokens.shape
   n = sampling.max_new_tokens
   cache = KVCache.zeros(model.cfg, b, p + n)
-  out = model(tokens, mask, cache=cache)
+  # Prefill: logits only at the last prompt slot (the head over every slot would cost ~20% more).
+  out = model(tokens, mask, cache=cache, return_logits=False,
+              hidden_positions=jnp.full((b,), p - 1, jnp.int32))
   rng, sub = jax.random.split(rng)
-  first = _pick(out.logits[:, -1], sub, sampling)
+  first = _pick(model.logits(out.hidden[-1]), sub, sampling)
   stops = jnp.asarray(stop_ids, jnp.int32)
   buf = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, stops)
   lengths = jnp.ones((b,), jnp.int32)
 
   def cond(c):
-    step, _, _, done, _, _, _ = c
+    step, _, _, done, _, _, _, _ = c
     return (step < n) & ~jnp.all(done)
 
   def body(c):
-    step, prev, cache, done, buf, lengths, rng = c
-    o = model(prev[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
+    step, prev, cache, done, buf, lengths, rng, fast = c
+    o = model(prev[:, None], jnp.ones((b, 1), jnp.int32), cache=cache, unstacked=fast)
     rng, sub = jax.random.split(rng)
     nxt = _pick(o.logits[:, 0], sub, sampling)
     nxt = jnp.where(done, pad_id, nxt)
     buf = jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None], step, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(nxt, stops)
-    return step + 1, nxt, o.cache, done, buf, lengths, rng
+    return step + 1, nxt, o.cache, done, buf, lengths, rng, fast
 
-  init = (jnp.asarray(1, jnp.int32), first, out.cache, done, buf, lengths, rng)
-  _, _, _, _, buf, lengths, _ = jax.lax.while_loop(cond, body, init)
+  # The unstacked weights ride in the loop carry (unchanged) so XLA materialises the per-layer
+  # copies once, before the loop, rather than re-slicing the stacked weights every step.
+  init = (jnp.asarray(1, jnp.int32), first, out.cache.unstack(), done, buf, lengths, rng,
+          model.unstack() if unstacked is None else unstacked)
+  _, _, _, _, buf, lengths, _, _ = jax.lax.while_loop(cond, body, init)
   return buf, lengths
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def unstack(graphdef: nnx.GraphDef, state: nnx.State) -> Unstacked:
+  """The decode loop's weights: per-layer copies of the stacked layers and a [D,V] head."""
+  return nnx.merge(graphdef, state).unstack()
+
+
 class Generator:
-  """Text in, text out: templating, bucketing, batching, decoding and stop handling."""
+  """Text in, text out: templating, bucketing, batching, decoding and stop handling.
+
+  Holds the decode-loop weights (`unstack`) made once, so every batch skips that copy; this
+  costs one more copy of the layer weights in memory for the Generator's lifetime.
+  """
 
   def __init__(self, model: Decoder, prompt_format: PromptFormat, *, batch_size: int = 8,
                max_prompt_len: int = 512):
     self.graphdef, self.state = nnx.split(model)
+    self.unstacked = unstack(self.graphdef, self.state)
     self.fmt = prompt_format
     self.batch_size = batch_size
     self.max_prompt_len = max_prompt_len
@@ -110,7 +128,8 @@ class Generator:
       rng, sub = jax.random.split(rng)
       buf, lengths = decode(self.graphdef, self.state, jnp.asarray(batch["tokens"]),
                             jnp.asarray(batch["attention_mask"]), sub, sampling=sampling,
-                            stop_ids=self.fmt.eos_ids, pad_id=self.fmt.pad_id)
+                            stop_ids=self.fmt.eos_ids, pad_id=self.fmt.pad_id,
+                            unstacked=self.unstacked)
       buf, lengths = np.asarray(buf), np.asarray(lengths)
       for i in range(len(chunk)):
         ids = buf[i, :lengths[i]].tolist()

@@ -10,7 +10,8 @@ import torch
 from flax import nnx
 
 from refjax.data.prompts import PromptConfig, PromptFormat, bucket_length, pad_batch
-from refjax.generate import Generator, SamplingConfig, decode
+from refjax.generate import Generator, SamplingConfig, decode, unstack
+from refjax.models.decoder import KVCache
 from refjax.models.weights import load_hf_dir
 from refjax.testing import byte_tokenizer
 
@@ -51,6 +52,37 @@ def test_greedy_matches_transformers_with_left_padding(tiny_pair):
   ref = _hf_greedy(hf, tokens, mask, 12, None, 0)
   np.testing.assert_array_equal(np.asarray(ours), ref)
   assert np.asarray(lengths).tolist() == [12, 12, 12]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_unrolled_decode_step_equals_scanned_step(tiny_pair, tied):
+  """The decode loop's unrolled layers (per-layer weights and caches) compute what the scan does."""
+  from refjax.testing import tiny_model
+  model = tiny_model(tie_word_embeddings=True) if tied else tiny_pair[1]
+  rng = np.random.RandomState(3)
+  tokens = jnp.asarray(rng.randint(3, 200, (2, 7)), jnp.int32)
+  mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7], jnp.int32)
+  cache = model(tokens, mask, cache=KVCache.zeros(model.cfg, 2, 10)).cache
+  nxt = jnp.asarray([[5], [9]], jnp.int32)
+  scanned = model(nxt, cache=cache)
+  unrolled = model(nxt, cache=cache, unstacked=unstack(*nnx.split(model)))
+  np.testing.assert_allclose(unrolled.logits, scanned.logits, rtol=1e-5, atol=1e-5)
+  assert isinstance(unrolled.cache.k, tuple) and len(unrolled.cache.k) == model.cfg.num_layers
+  np.testing.assert_allclose(jnp.stack(unrolled.cache.k), scanned.cache.k, atol=1e-6)
+  np.testing.assert_allclose(jnp.stack(unrolled.cache.v), scanned.cache.v, atol=1e-6)
+  with pytest.raises(ValueError, match="cache"):
+    model(nxt, unstacked=unstack(*nnx.split(model)))
+
+
+def test_prepared_decode_weights_give_the_same_tokens(tiny_pair):
+  _, model = tiny_pair
+  graphdef, state = nnx.split(model)
+  tokens = jnp.asarray(np.random.RandomState(4).randint(3, 259, (2, 6)), jnp.int32)
+  kw = dict(sampling=SamplingConfig(max_new_tokens=5), stop_ids=(-1,), pad_id=0)
+  fresh, _ = decode(graphdef, state, tokens, jnp.ones_like(tokens), jax.random.key(0), **kw)
+  prepared, _ = decode(graphdef, state, tokens, jnp.ones_like(tokens), jax.random.key(0),
+                       unstacked=unstack(graphdef, state), **kw)
+  np.testing.assert_array_equal(np.asarray(fresh), np.asarray(prepared))
 
 
 def test_stop_token_ends_a_row_and_pads_after(tiny_pair):

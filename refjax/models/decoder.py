@@ -125,7 +125,7 @@ class Attention(nnx.Module):
     """x [B,T,D]; key_mask [B,S] valid key slots; q_slots [T] absolute slot of each query.
 
     Without a cache S == T and keys are this call's tokens. With `cache_kv=(k, v)` of
-    [B,S,KV,Dh], this call's keys are written at `cache_index` and attention covers the cache.
+    [B,KV,S,Dh], this call's keys are written at `cache_index` and attention covers the cache.
     """
     cfg = self.cfg
     b, t, _ = x.shape
@@ -134,22 +134,28 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    # Keys/values as [B,KV,S,Dh]: the layout the score and output contractions want, so a
+    # cache is read without a transpose.
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     new_kv = None
     if cache_kv is not None:
       ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
       k, v, new_kv = ck, cv, (ck, cv)
-    s = k.shape[1]
+    s = k.shape[2]
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
     causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T,S]
     allowed = causal[None] & key_mask[:, None, :].astype(bool)  # [B,T,S]
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    # Contract into [B,KV,G,T,Dh] and transpose the small result: asking the dot for [B,T,...]
+    # directly makes XLA:CPU contract over the cache's non-minor axis (7x slower when decoding).
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return self.o_proj(out), new_kv
 
 
@@ -191,19 +197,29 @@ class Block(nnx.Module):
 
 @struct.dataclass
 class KVCache:
-  """Per-layer keys/values [L,B,S,KV,Dh], valid-slot mask [B,S] and the next write slot."""
+  """Per-layer keys/values [L,B,KV,S,Dh], valid-slot mask [B,S] and the next write slot.
 
-  k: jax.Array
-  v: jax.Array
+  `unstack()` turns k/v into tuples of L arrays [B,KV,S,Dh] for the unrolled decode path: each
+  layer's cache is then written in place and read without slicing a stacked array.
+  """
+
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   mask: jax.Array
   index: jax.Array  # scalar int32
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
     dtype = dtype or cfg.jnp_dtype
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def unstack(self) -> "KVCache":
+    if isinstance(self.k, tuple):
+      return self
+    n = self.k.shape[0]
+    return self.replace(k=tuple(self.k[i] for i in range(n)), v=tuple(self.v[i] for i in range(n)))
 
 
 @struct.dataclass
@@ -212,6 +228,19 @@ class DecoderOutput:
   hidden: jax.Array | None  # [L+1,B,D] at hidden_positions (index L is after the final norm)
   all_hidden: jax.Array | None  # [L+1,B,T,D] when return_all_hidden
   cache: KVCache | None
+
+
+@struct.dataclass
+class Unstacked:
+  """Per-layer parameter states and a [D,V] LM head, sliced and transposed once.
+
+  A decode loop runs one token per step, so it is bound by reading the weights. Scanning the
+  stacked layers makes XLA:CPU copy each layer's slice every step; slicing once before the loop
+  and running the layers unrolled reads every weight exactly once per step.
+  """
+
+  layers: tuple[Any, ...]
+  head: jax.Array
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -246,12 +275,14 @@ class Decoder(nnx.Module):
       return_all_hidden: bool = False,
       return_logits: bool = True,
       cache: KVCache | None = None,
+      unstacked: Unstacked | None = None,
   ) -> DecoderOutput:
     """Runs tokens [B,T] (int) with attention_mask [B,T] (1 = real token).
 
     hidden_positions [B]: also return every layer's hidden state at that token of each row (the
     refusal feature reads the last prompt token). With `cache`, the tokens fill slots
     `cache.index ...` and attend to every valid earlier slot; the updated cache is returned.
+    `unstacked` (from `self.unstack()`, made once outside a decode loop) runs the layers unrolled.
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -289,13 +320,25 @@ class Decoder(nnx.Module):
         ys["k"], ys["v"] = new_kv
       return x, ys
 
-    if cfg.remat:
-      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    xs: dict[str, Any] = {"layer": layer_state}
-    if cache is not None:
-      xs["k"], xs["v"] = cache.k, cache.v
     x0 = x
-    x, ys = jax.lax.scan(body, x, xs)
+    if unstacked is not None:
+      if cache is None:
+        raise ValueError("unstacked layers are for cached decoding; pass cache= as well")
+      cache = cache.unstack()
+      outs = []
+      for st, k, v in zip(unstacked.layers, cache.k, cache.v):
+        x, y = body(x, {"layer": st, "k": k, "v": v})
+        outs.append(y)
+      ys = {name: tuple(y[name] for y in outs) for name in outs[0]}
+      ys = {name: (val if name in ("k", "v") else jnp.stack(val)) for name, val in ys.items()}
+    else:
+      scan_body = body
+      if cfg.remat:
+        scan_body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+      xs: dict[str, Any] = {"layer": layer_state}
+      if cache is not None:
+        xs["k"], xs["v"] = cache.k, cache.v
+      x, ys = jax.lax.scan(scan_body, x, xs)
     x = self.norm(x)
 
     hidden = all_hidden = None
@@ -303,11 +346,24 @@ class Decoder(nnx.Module):
       hidden = jnp.concatenate([gather(x0)[None], ys["hidden"][:-1], gather(x)[None]], 0)
     if return_all_hidden:
       all_hidden = jnp.concatenate([x0[None], ys["all"][:-1], x[None]], 0)
-    logits = self.logits(x) if return_logits else None
+    if not return_logits:
+      logits = None
+    elif unstacked is not None:
+      logits = jnp.matmul(x, unstacked.head.astype(x.dtype), preferred_element_type=jnp.float32)
+    else:
+      logits = self.logits(x)
     new_cache = None
     if cache is not None:
       new_cache = KVCache(ys["k"], ys["v"], key_mask, index + t)
     return DecoderOutput(logits, hidden, all_hidden, new_cache)
+
+  def unstack(self) -> Unstacked:
+    """The layers as L separate states and the head as [D,V]: copies, made once per decode call."""
+    _, layer_state = nnx.split(self.layers)
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], layer_state)
+                   for i in range(self.cfg.num_layers))
+    head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+    return Unstacked(layers, head)
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Final-normed hidden [...,D] -> fp32 logits over the vocabulary."""
@@ -326,5 +382,5 @@ def abstract_decoder(cfg: ModelConfig) -> Decoder:
   return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
-__all__ = ["Decoder", "DecoderOutput", "KVCache", "positions_from_mask", "param_count",
+__all__ = ["Decoder", "DecoderOutput", "KVCache", "Unstacked", "positions_from_mask", "param_count",
            "abstract_decoder"]
