@@ -94,31 +94,6 @@ def _timed(fn) -> float:
 # JAX (ours)
 
 
-def flat_linear_preview() -> None:
-  """Opt-in preview of a proposed change to refjax.models.decoder.Linear: matmuls on [B*T, D].
-
-  With 3-D activations the weight gradient contracts over two axes (batch, time); XLA:CPU then
-  inserts a transposing copy of each [B,T,F] activation gradient (sliced from the scan's stacked
-  residuals) before the dot: ~4 s of a ~18 s step on this CPU. Flattening to 2-D removes it.
-  """
-  import jax.numpy as jnp
-
-  from refjax.models import decoder
-
-  def call(self, x):
-    dt = self.dtype
-    x2 = x.reshape(-1, x.shape[-1]).astype(dt)
-    y = x2 @ self.kernel[...].astype(dt)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(dt)
-    if self.lora_a is not None:
-      y = y + ((x2 @ self.lora_a[...].astype(dt)) @ self.lora_b[...].astype(dt)) * (
-          jnp.asarray(self.lora_scale, dt))
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-  decoder.Linear.__call__ = call
-
-
 def jax_step(cfg_hf: dict, arrays: dict, lora_rank: int):
   """(run_one_step() -> loss, compile seconds) for our jitted train step on one device."""
   import jax
@@ -226,18 +201,17 @@ def main() -> None:
   p.add_argument("--frameworks", default="jax,torch")
   p.add_argument("--lora_rank", type=int, default=8)
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-  p.add_argument("--flat_linear", action="store_true",
-                 help="preview the proposed 2-D Linear in refjax.models.decoder (see above)")
   args = p.parse_args()
-  if args.flat_linear:
-    flat_linear_preview()
+  # As `python -m refjax.main` does; both frameworks then run under the same malloc settings.
+  from refjax.runtime import reexec_with_malloc_tuning
+  reexec_with_malloc_tuning()
 
   cfg, source = hf_config()
   arrays = batch_arrays(args.batch, args.seq, cfg["vocab_size"])
   tokens = args.batch * args.seq
-  print(("[previewing the proposed 2-D decoder Linear] " if args.flat_linear else "")
-        + f"model: {source}; batch {args.batch} x {args.seq} = {tokens} tokens/step, fp32, AdamW; "
-        f"cpus: {os.cpu_count()}; load avg: {os.getloadavg()[0]:.1f}", flush=True)
+  print(f"model: {source}; batch {args.batch} x {args.seq} = {tokens} tokens/step, fp32, AdamW; "
+        f"cpus: {os.cpu_count()}; load avg: {os.getloadavg()[0]:.1f}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}", flush=True)
   if "torch" in args.frameworks and args.threads:
     import torch
     torch.set_num_threads(args.threads)

@@ -98,6 +98,8 @@ def setup_logging() -> None:
 
 def main(argv):
   del argv
+  from refjax.runtime import reexec_with_malloc_tuning
+  reexec_with_malloc_tuning()  # before any JAX computation; returns at once in the re-run
   setup_logging()
   from refjax.parallel.distributed import initialize
   initialize(FLAGS.config.distributed)  # before any JAX computation; a no-op on one process

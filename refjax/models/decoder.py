@@ -47,14 +47,17 @@ class Linear(nnx.Module):
     self.dtype = cfg.jnp_dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    # Matmuls on [B*T, D]: with 3-D activations the weight gradient contracts over two axes and
+    # XLA:CPU inserts a transposing copy of every activation gradient before the dot.
     dt = self.dtype
-    y = x.astype(dt) @ self.kernel[...].astype(dt)
+    x2 = x.reshape(-1, x.shape[-1]).astype(dt)
+    y = x2 @ self.kernel[...].astype(dt)
     if self.bias is not None:
       y = y + self.bias[...].astype(dt)
     if self.lora_a is not None:
-      y = y + ((x.astype(dt) @ self.lora_a[...].astype(dt)) @ self.lora_b[...].astype(dt)) * (
+      y = y + ((x2 @ self.lora_a[...].astype(dt)) @ self.lora_b[...].astype(dt)) * (
           jnp.asarray(self.lora_scale, dt))
-    return y
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
