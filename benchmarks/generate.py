@@ -21,13 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refjax.assets import resolve_model
 from refjax.data.prompts import PromptConfig, PromptFormat, bucket_length, pad_batch
-from refjax.generate import SamplingConfig, decode, unstack
-
-
-def timed(fn):
-  t0 = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - t0
+from refjax.generate import SamplingConfig, decode, timed, unstack
 from refjax.models.weights import load_hf_dir
 
 PROMPTS = [
@@ -82,9 +76,9 @@ def main():
   with torch.no_grad():
     hf.generate(tt, **gen_kw)  # warm-up
     for _ in range(args.reps):
-      ours_t.append(timed(lambda: jax.block_until_ready(run(prepared)))[1])
-      fresh_t.append(timed(lambda: jax.block_until_ready(run(None)))[1])
-      ref, dt = timed(lambda: hf.generate(tt, **gen_kw))
+      ours_t.append(timed(run, prepared)[1])
+      fresh_t.append(timed(run, None)[1])
+      ref, dt = timed(hf.generate, tt, **gen_kw)
       hf_t.append(dt)
   ours = run(prepared)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -227,20 +228,23 @@ def main() -> None:
     # Interleave the frameworks step by step so both see the same machine load (other processes
     # on a shared machine change the speed of both alike); the first `warmup` steps are dropped.
     times = {fw: [] for fw in frameworks}
+    faults = {fw: [] for fw in frameworks}  # minor page faults: fresh memory touched per step
     losses = {fw: [] for fw in frameworks}
     for i in range(args.warmup + args.steps):
       for fw in frameworks:
-        t = time.perf_counter()
+        f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         losses[fw].append(runs[fw][0]())
         if i >= args.warmup:
           times[fw].append(time.perf_counter() - t)
+          faults[fw].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     for fw in frameworks:
       med, best = float(np.median(times[fw])), float(np.min(times[fw]))
       print(f"{mode:5s} {fw:6s} step median {med:.3f} s (min {best:.3f})  "
             f"{tokens / med:7.1f} tokens/s  MFU {100 * flops / med / (peak_gflops * 1e9):5.1f}% "
             f"(best step {100 * flops / best / (peak_gflops * 1e9):.1f}%)  "
             f"[{flops / 1e9:.0f} GFLOP/step; loss {losses[fw][0]:.3f} -> {losses[fw][-1]:.3f}"
-            + (f"; compile {runs[fw][1]:.1f} s" if fw == "jax" else "") + "]", flush=True)
+            + (f"; compile {runs[fw][1]:.1f} s" if fw == "jax" else "")
+            + f"; {np.median(faults[fw]):.0f} page faults/step]", flush=True)
     if len(frameworks) == 2:
       ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
       print(f"{mode:5s} ours / PyTorch throughput: {np.median(ratios):.2f}x (median of "

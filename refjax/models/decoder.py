@@ -219,6 +219,7 @@ class KVCache:
                jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
   def unstack(self) -> "KVCache":
+    """k/v as tuples of per-layer arrays (a no-op when they already are)."""
     if isinstance(self.k, tuple):
       return self
     n = self.k.shape[0]
@@ -328,12 +329,14 @@ class Decoder(nnx.Module):
       if cache is None:
         raise ValueError("unstacked layers are for cached decoding; pass cache= as well")
       cache = cache.unstack()
-      outs = []
+      ks, vs, outs = [], [], []
       for st, k, v in zip(unstacked.layers, cache.k, cache.v):
         x, y = body(x, {"layer": st, "k": k, "v": v})
+        ks.append(y.pop("k"))
+        vs.append(y.pop("v"))
         outs.append(y)
-      ys = {name: tuple(y[name] for y in outs) for name in outs[0]}
-      ys = {name: (val if name in ("k", "v") else jnp.stack(val)) for name, val in ys.items()}
+      ys = {name: jnp.stack([y[name] for y in outs]) for name in outs[0]}
+      ys["k"], ys["v"] = tuple(ks), tuple(vs)
     else:
       scan_body = body
       if cfg.remat:
@@ -361,7 +364,8 @@ class Decoder(nnx.Module):
     return DecoderOutput(logits, hidden, all_hidden, new_cache)
 
   def unstack(self) -> Unstacked:
-    """The layers as L separate states and the head as [D,V]: copies, made once per decode call."""
+    """The layers as L separate states and the head as [D,V]: copies, made once per `decode`
+    call unless it is given them (`Generator` keeps one set)."""
     _, layer_state = nnx.split(self.layers)
     layers = tuple(jax.tree.map(lambda a, i=i: a[i], layer_state)
                    for i in range(self.cfg.num_layers))
