@@ -4,8 +4,10 @@ SmolLM2-135M (the cached model's config.json when present, else its published sh
 weights: speed does not depend on them), full finetuning and LoRA (rank 8 on q/k/v/o), fixed
 batch and length, fp32, AdamW, one process. PyTorch runs transformers' LlamaForCausalLM built from
 the same config with torch.optim.AdamW (foreach), LoRA hand-written (frozen base, trainable
-A/B, same init and scale as ours). Peak = the best of several 2048x2048 fp32 matmuls (jax and
-numpy) measured by this script. Prints figures and ratios; asserts nothing.
+A/B, same init and scale as ours). Peak = the best of several 2048x2048 fp32 matmuls (jax, numpy,
+torch) measured by this script before the steps and again after each mode (a shared CPU's speed
+drifts). A table of jax vs torch speed on each matmul shape of the step shows the kernel-level
+ceiling of the ratio. Prints figures and ratios; asserts nothing.
 
   python benchmarks/train_step.py [--batch 8] [--seq 128] [--steps 5] [--modes full,lora]
 """
@@ -68,21 +70,65 @@ def step_flops(cfg: dict, batch: int, seq: int, lora_rank: int) -> float:
   return per_token * batch * seq
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
-  """Best-of-`reps` GFLOP/s of an n x n fp32 matmul in jax and numpy."""
+def _jax_matmul_seconds(a: np.ndarray, b: np.ndarray, reps: int) -> float:
   import jax
   import jax.numpy as jnp
-  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-  out = {}
   f = jax.jit(lambda x, y: x @ y)
-  ja = jnp.asarray(a)
-  f(ja, ja).block_until_ready()
-  best = min(_timed(lambda: f(ja, ja).block_until_ready()) for _ in range(reps))
-  out["jax"] = 2 * n ** 3 / best / 1e9
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  f(ja, jb).block_until_ready()
+  return min(_timed(lambda: f(ja, jb).block_until_ready()) for _ in range(reps))
+
+
+def _torch_matmul_seconds(a: np.ndarray, b: np.ndarray, reps: int) -> float:
+  import torch
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  ta @ tb
+  return min(_timed(lambda: ta @ tb) for _ in range(reps))
+
+
+def matmul_peak(n: int = 2048, reps: int = 10, torch_too: bool = True) -> dict[str, float]:
+  """Best-of-`reps` GFLOP/s of an n x n fp32 matmul in jax, numpy (and torch)."""
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  flop = 2 * n ** 3 / 1e9
+  out = {"jax": flop / _jax_matmul_seconds(a, a, reps)}
   a @ a
-  best = min(_timed(lambda: a @ a) for _ in range(reps))
-  out["numpy"] = 2 * n ** 3 / best / 1e9
+  out["numpy"] = flop / min(_timed(lambda: a @ a) for _ in range(reps))
+  if torch_too:
+    out["torch"] = flop / _torch_matmul_seconds(a, a, reps)
   return out
+
+
+def step_gemms(cfg: dict, batch: int, seq: int) -> dict[str, tuple[int, int, int]]:
+  """(M, K, N) of the step's matmuls per kind: forward, input gradient, weight gradient."""
+  m, d, f, v = batch * seq, cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+  q = cfg["num_attention_heads"] * cfg["head_dim"]
+  kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+  out = {}
+  for name, (k, n) in {"q/o proj": (d, q), "k/v proj": (d, kv), "mlp up/gate": (d, f),
+                       "mlp down": (f, d), "lm head": (d, v)}.items():
+    out[f"{name} fwd"] = (m, k, n)
+    out[f"{name} dgrad"] = (m, n, k)
+    out[f"{name} wgrad"] = (k, m, n)
+  return out
+
+
+def gemm_table(cfg: dict, batch: int, seq: int, reps: int = 5) -> None:
+  """Prints jax vs torch GFLOP/s on each of the step's matmul shapes, interleaved per shape.
+
+  The kernel-level ceiling on our step's speed against PyTorch: matmuls are most of the step.
+  """
+  rng = np.random.default_rng(0)
+  ratios = []
+  for name, (m, k, n) in step_gemms(cfg, batch, seq).items():
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal((k, n), dtype=np.float32)
+    tj, tt = _jax_matmul_seconds(a, b, reps), _torch_matmul_seconds(a, b, reps)
+    flop = 2 * m * k * n / 1e9
+    ratios.append(tj / tt)
+    print(f"  gemm {name:18s} {m}x{k}x{n}: jax {flop / tj:6.1f} GFLOP/s, torch {flop / tt:6.1f} "
+          f"GFLOP/s, torch/jax {tj / tt:.2f}x", flush=True)
+  print(f"  gemm torch/jax speed ratio: median {np.median(ratios):.2f}x, range "
+        f"{min(ratios):.2f}-{max(ratios):.2f}x", flush=True)
 
 
 def _timed(fn) -> float:
@@ -201,6 +247,8 @@ def main() -> None:
   p.add_argument("--modes", default="full,lora")
   p.add_argument("--frameworks", default="jax,torch")
   p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--gemms", type=int, default=1,
+                 help="1: also print jax vs torch speed on each matmul shape of the step")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
   args = p.parse_args()
   # As `python -m refjax.main` does; both frameworks then run under the same malloc settings.
@@ -216,11 +264,13 @@ def main() -> None:
   if "torch" in args.frameworks and args.threads:
     import torch
     torch.set_num_threads(args.threads)
-  peak = matmul_peak()
-  peak_gflops = max(peak.values())
-  print(f"matmul peak 2048^2 fp32: jax {peak['jax']:.1f} GFLOP/s, numpy {peak['numpy']:.1f} "
-        f"GFLOP/s -> peak {peak_gflops:.1f}", flush=True)
   frameworks = args.frameworks.split(",")
+  peak = matmul_peak(torch_too="torch" in frameworks)
+  peak_gflops = max(peak.values())
+  print("matmul peak 2048^2 fp32: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items())
+        + f" GFLOP/s -> peak {peak_gflops:.1f}", flush=True)
+  if args.gemms and "torch" in frameworks:
+    gemm_table(cfg, args.batch, args.seq)
   for mode in args.modes.split(","):
     rank = args.lora_rank if mode == "lora" else 0
     flops = step_flops(cfg, args.batch, args.seq, rank)
@@ -237,6 +287,10 @@ def main() -> None:
         if i >= args.warmup:
           times[fw].append(time.perf_counter() - t)
           faults[fw].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    again = matmul_peak(torch_too="torch" in frameworks)
+    peak_gflops = max(peak_gflops, *again.values())
+    print(f"{mode:5s} matmul peak re-measured: " + ", ".join(f"{k} {v:.1f}" for k, v in again.items())
+          + f" GFLOP/s -> peak {peak_gflops:.1f}", flush=True)
     for fw in frameworks:
       med, best = float(np.median(times[fw])), float(np.min(times[fw]))
       print(f"{mode:5s} {fw:6s} step median {med:.3f} s (min {best:.3f})  "
