@@ -98,37 +98,59 @@ def matmul_peak(n: int = 2048, reps: int = 10, torch_too: bool = True) -> dict[s
   return out
 
 
-def step_gemms(cfg: dict, batch: int, seq: int) -> dict[str, tuple[int, int, int]]:
-  """(M, K, N) of the step's matmuls per kind: forward, input gradient, weight gradient."""
+def step_gemms(cfg: dict, batch: int, seq: int) -> dict[str, tuple[tuple[int, int, int], int, bool]]:
+  """The step's projection and LM-head matmuls: name -> ((M, K, N), count per step, is wgrad).
+
+  Every projection contributes a forward, an input-gradient (dgrad) and a weight-gradient
+  (wgrad) matmul; LoRA's frozen base has no wgrad. Attention's own contractions are left out.
+  """
   m, d, f, v = batch * seq, cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
   q = cfg["num_attention_heads"] * cfg["head_dim"]
   kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+  layers = cfg["num_hidden_layers"]
   out = {}
-  for name, (k, n) in {"q/o proj": (d, q), "k/v proj": (d, kv), "mlp up/gate": (d, f),
-                       "mlp down": (f, d), "lm head": (d, v)}.items():
-    out[f"{name} fwd"] = (m, k, n)
-    out[f"{name} dgrad"] = (m, n, k)
-    out[f"{name} wgrad"] = (k, m, n)
+  for name, (k, n, count) in {"q proj": (d, q, layers), "k/v proj": (d, kv, 2 * layers),
+                              "o proj": (q, d, layers), "mlp up/gate": (d, f, 2 * layers),
+                              "mlp down": (f, d, layers), "lm head": (d, v, 1)}.items():
+    out[f"{name} fwd"] = ((m, k, n), count, False)
+    out[f"{name} dgrad"] = ((m, n, k), count, False)
+    out[f"{name} wgrad"] = ((k, m, n), count, True)
   return out
 
 
-def gemm_table(cfg: dict, batch: int, seq: int, reps: int = 5) -> None:
-  """Prints jax vs torch GFLOP/s on each of the step's matmul shapes, interleaved per shape.
+def gemm_table(cfg: dict, batch: int, seq: int, reps: int = 5) -> dict[str, tuple[float, float]]:
+  """Times each of the step's matmul shapes in jax and torch, prints them; name -> (jax s, torch s).
 
   The kernel-level ceiling on our step's speed against PyTorch: matmuls are most of the step.
   """
   rng = np.random.default_rng(0)
-  ratios = []
-  for name, (m, k, n) in step_gemms(cfg, batch, seq).items():
-    a = rng.standard_normal((m, k), dtype=np.float32)
-    b = rng.standard_normal((k, n), dtype=np.float32)
-    tj, tt = _jax_matmul_seconds(a, b, reps), _torch_matmul_seconds(a, b, reps)
-    flop = 2 * m * k * n / 1e9
-    ratios.append(tj / tt)
-    print(f"  gemm {name:18s} {m}x{k}x{n}: jax {flop / tj:6.1f} GFLOP/s, torch {flop / tt:6.1f} "
-          f"GFLOP/s, torch/jax {tj / tt:.2f}x", flush=True)
-  print(f"  gemm torch/jax speed ratio: median {np.median(ratios):.2f}x, range "
-        f"{min(ratios):.2f}-{max(ratios):.2f}x", flush=True)
+  seconds: dict[tuple[int, int, int], tuple[float, float]] = {}
+  out = {}
+  for name, (shape, _, _) in step_gemms(cfg, batch, seq).items():
+    if shape not in seconds:  # e.g. q and o proj share a shape when heads * head_dim = hidden
+      m, k, n = shape
+      a = rng.standard_normal((m, k), dtype=np.float32)
+      b = rng.standard_normal((k, n), dtype=np.float32)
+      seconds[shape] = (_jax_matmul_seconds(a, b, reps), _torch_matmul_seconds(a, b, reps))
+    tj, tt = out[name] = seconds[shape]
+    flop = 2 * np.prod(shape) / 1e9
+    print(f"  gemm {name:18s} {'x'.join(map(str, shape))}: jax {flop / tj:6.1f} GFLOP/s, torch "
+          f"{flop / tt:6.1f} GFLOP/s, torch/jax {tj / tt:.2f}x", flush=True)
+  ratios = [tj / tt for tj, tt in seconds.values()]
+  print(f"  gemm torch/jax speed ratio over {len(seconds)} distinct shapes: median "
+        f"{np.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x; torch faster on "
+        f"{sum(r > 1 for r in ratios)}", flush=True)
+  return out
+
+
+def matmul_seconds(cfg: dict, batch: int, seq: int, table: dict[str, tuple[float, float]],
+                   lora: bool) -> tuple[float, float]:
+  """(jax, torch) seconds per step of the step's matmuls, each timed alone (`gemm_table`)."""
+  tj = tt = 0.0
+  for name, (_, count, wgrad) in step_gemms(cfg, batch, seq).items():
+    if not (lora and wgrad):
+      tj, tt = tj + count * table[name][0], tt + count * table[name][1]
+  return tj, tt
 
 
 def _timed(fn) -> float:
@@ -269,8 +291,7 @@ def main() -> None:
   peak_gflops = max(peak.values())
   print("matmul peak 2048^2 fp32: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items())
         + f" GFLOP/s -> peak {peak_gflops:.1f}", flush=True)
-  if args.gemms and "torch" in frameworks:
-    gemm_table(cfg, args.batch, args.seq)
+  table = gemm_table(cfg, args.batch, args.seq) if args.gemms and "torch" in frameworks else None
   for mode in args.modes.split(","):
     rank = args.lora_rank if mode == "lora" else 0
     flops = step_flops(cfg, args.batch, args.seq, rank)
@@ -299,6 +320,12 @@ def main() -> None:
             f"[{flops / 1e9:.0f} GFLOP/step; loss {losses[fw][0]:.3f} -> {losses[fw][-1]:.3f}"
             + (f"; compile {runs[fw][1]:.1f} s" if fw == "jax" else "")
             + f"; {np.median(faults[fw]):.0f} page faults/step]", flush=True)
+    if table is not None and len(frameworks) == 2:
+      mj, mt = matmul_seconds(cfg, args.batch, args.seq, table, lora=bool(rank))
+      print(f"{mode:5s} its projection + head matmuls, timed alone: jax {mj:.2f} s = "
+            f"{100 * mj / np.median(times['jax']):.0f}% of our median step, torch {mt:.2f} s = "
+            f"{100 * mt / np.median(times['torch']):.0f}% of PyTorch's; with torch's matmuls our "
+            f"step would take {np.median(times['jax']) - mj + mt:.2f} s", flush=True)
     if len(frameworks) == 2:
       ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
       print(f"{mode:5s} ours / PyTorch throughput: {np.median(ratios):.2f}x (median of "
