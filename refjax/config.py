@@ -57,8 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=4,
   ))
 
-  # Data (names are refjax.data.sources registry entries; files under ../shared/data).
+  # Data (names are refjax.data.sources registry entries, read from the data folder).
   c.data = ml_collections.ConfigDict(dict(
+      # The data folder (shared/ASSETS.md's files). "" = $REFJAX_DATA, else <checkout>/../shared/data.
+      root="",
       alignment_harmful="beavertails_alignment",  # harmful prompt -> refusal
       alignment_harmless="alpaca_helpful",  # harmless prompt -> helpful answer
       n_alignment_harmful=1000,  # paper: BeaverTails alignment pairs (count unstated)

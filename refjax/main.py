@@ -61,6 +61,8 @@ def run_pipeline(cfg, workdir: str, stages: list[str] | None = None, force=()) -
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(fns)}")
   config_lib.validate(cfg)
+  from refjax.data.paths import set_data_root
+  set_data_root(cfg.data.root)
   from refjax.stages import check_inputs
   force = set(stages) if "all" in force else set(force)
   pending = [s for s in stages if s in force or _done(workdir, s, cfg) is None]

@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_data_dir():
-  """`shared/data` ($REFJAX_SHARED or <repo>/../shared); tests that need it skip without it."""
+  """The data folder ($REFJAX_DATA or <repo>/../shared/data); tests that need it skip without it."""
   from refjax.data import paths
 
   try:

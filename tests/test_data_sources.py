@@ -197,17 +197,26 @@ def test_duplicate_policies_count_and_act(tmp_path):
   assert [e.id for e in kept] == ["dup:0", "dup:1", "dup:4"]
 
 
-def test_shared_dir_env_override(tmp_path, monkeypatch):
+def test_data_root_from_env_and_config(tmp_path, monkeypatch):
   data = tmp_path / "data" / "refusal_direction"
   data.mkdir(parents=True)
   row = {"idx": 9, "prompt": "p", "label": "harmful"}
   _write_lines(data / "harmful_val.jsonl", [json.dumps(row)])
-  monkeypatch.setenv(paths.ENV_VAR, str(tmp_path))
-  assert paths.shared_dir() == tmp_path.resolve()
+  monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "data"))
+  assert paths.data_dir() == (tmp_path / "data").resolve()
   assert [e.id for e in load_source("harmful_val")] == ["refusal_direction/harmful_val:9"]
   monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "absent"))
-  with pytest.raises(FileNotFoundError, match="REFJAX_SHARED"):
-    paths.shared_dir()
+  with pytest.raises(FileNotFoundError, match=r"REFJAX_DATA.*absent|absent.*REFJAX_DATA") as e:
+    paths.data_dir()
+  assert "config.data.root" in str(e.value)  # the error names both ways to set it
+  try:  # the config field wins over the environment
+    paths.set_data_root(tmp_path / "data")
+    assert paths.data_dir() == (tmp_path / "data").resolve()
+    paths.set_data_root(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.data.root='.*nowhere'"):
+      paths.data_dir()
+  finally:
+    paths.set_data_root(None)
 
 
 # ---------------------------------------------------------------------------------------------

