@@ -58,8 +58,13 @@ def main(argv=None) -> int:
   from jax.experimental import mesh_utils, topologies
   from jax.sharding import AxisType, Mesh
 
-  from refjax import optim, parallel, train_state, train_step
+  from refjax import config as config_lib
+  from refjax import parallel
+  from refjax.method.losses import causal_lm_loss, token_cross_entropy
   from refjax.models import Decoder, ModelConfig
+  from refjax.training import optim
+  from refjax.training import state as train_state
+  from refjax.training import step as train_step
 
   if cpu:
     devices = jax.devices()
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
             "(install libtpu into a folder and pass --libtpu, or use --target cpu:8)")
       return 1
     where = f"TPU {args.target}: {len(devices)} x {devices[0].device_kind}"
-  mesh_cfg = parallel.mesh_config()
+  mesh_cfg = config_lib.mesh_config()
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = (int(x) for x in args.mesh.split(","))
   shape = parallel.resolve_mesh_shape(mesh_cfg, len(devices))
   mesh = Mesh(mesh_utils.create_device_mesh(shape, devices), parallel.MESH_AXES,
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
   teacher_cfg = ModelConfig.from_hf(LLAMA2_7B, param_dtype="bfloat16", dtype="bfloat16",
                                     remat=remat)
 
-  ocfg = optim.optim_config()
+  ocfg = config_lib.optim_config()
   ocfg.lr, ocfg.weight_decay, ocfg.warmup_steps, ocfg.schedule = 2e-5, 0.01, 10, "cosine"
   tx, schedule = optim.make_optimizer(ocfg, 1000)
   wrt = optim.trainable_filter(args.lora_rank)
@@ -104,13 +109,13 @@ def main(argv=None) -> int:
   batch_sh = parallel.batch_shardings(batch, mesh, rules)
   kd_weight = args.kd_weight
 
-  def distill_loss(model, batch, rng, teacher_state):
+  def distill_loss(model, batch, rng, extras):
     """CE on the targets + kd_weight * KL(teacher || student) over the vocabulary on the same
-    targets: the shape of the Ref-Teacher student step (refjax.finetune owns the real one)."""
-    teacher = nnx.merge(t_graphdef, teacher_state)
+    targets: the shape of the Ref-Teacher student step (refjax.method.student owns the real one)."""
+    teacher = nnx.merge(t_graphdef, extras["teacher"])
     t_logits = teacher(batch["tokens"], batch["attention_mask"]).logits
     s_logits = model(batch["tokens"], batch["attention_mask"]).logits
-    ce, weight = train_step.token_cross_entropy(s_logits, batch["tokens"], batch["loss_mask"],
+    ce, weight = token_cross_entropy(s_logits, batch["tokens"], batch["loss_mask"],
                                                 batch["weights"])
     kl = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(s_logits, -1),
                                                      jax.nn.log_softmax(t_logits, -1))  # [B,T]
@@ -120,7 +125,7 @@ def main(argv=None) -> int:
     return (ce + kd_weight * jnp.sum(kl * w)) / denom, {"loss_weight": weight}
 
   step = train_step.make_train_step(distill_loss, graphdef, tx, state_shardings=state_sh,
-                                    batch_shardings=batch_sh, extra_shardings=(t_sh,),
+                                    batch_shardings=batch_sh, extra_shardings={"teacher": t_sh},
                                     schedule=schedule)
   n_student = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   n_teacher = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t_abstract))
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
         f"student {n_student / 1e9:.2f}B trained params (fp32 + AdamW), teacher "
         f"{n_teacher / 1e9:.2f}B (bf16, frozen)", flush=True)
   t0 = time.perf_counter()
-  lowered = step.lower(abstract, batch, t_abstract)
+  lowered = step.lower(abstract, batch, {"teacher": t_abstract})
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()

@@ -19,9 +19,10 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refjax.assets import resolve_model
+from refjax.models.hub import resolve as resolve_model
 from refjax.data.prompts import PromptConfig, PromptFormat, bucket_length, pad_batch
-from refjax.generate import SamplingConfig, decode, timed, unstack
+from refjax.evaluation.generation import timed
+from refjax.models.decode import SamplingConfig, decode, unstack
 from refjax.models.weights import load_hf_dir
 
 PROMPTS = [

@@ -16,10 +16,12 @@ import re
 import time
 
 import numpy as np
-
-from refjax import refusal
+from refjax.data import batches as batch_lib
 from refjax.data.prompts import PromptConfig, PromptFormat
 from refjax.data.sources import load_source
+from refjax.method import features
+from refjax.method import refusal
+
 
 DEV_HARMFUL = ("harmful_val", "advbench", "malicious_instruct", "tdc2023", "harmbench")
 
@@ -57,7 +59,8 @@ def main(argv=None) -> dict:
 
   from transformers import AutoTokenizer
 
-  from refjax.models.weights import load_hf_dir, resolve_hf_dir
+  from refjax.models.hub import resolve as resolve_hf_dir
+  from refjax.models.weights import load_hf_dir
 
   model_dir = resolve_hf_dir(args.model)
   model, cfg = load_hf_dir(model_dir)
@@ -69,8 +72,8 @@ def main(argv=None) -> dict:
   # One forward pass per prompt: every layer's feature, then all statistics in numpy.
   examples = fit_h + fit_n + dev_h + dev_n
   t0 = time.perf_counter()
-  batches = refusal.prompt_batches(examples, fmt, batch_size=args.batch_size, max_len=args.max_len)
-  feats = refusal.extract_features(model, batches)  # [L+1, N, D]
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=args.batch_size, max_len=args.max_len)
+  feats = features.extract_features(model, batches)  # [L+1, N, D]
   secs = time.perf_counter() - t0
 
   a, b = len(fit_h), len(fit_h) + len(fit_n)
@@ -87,9 +90,9 @@ def main(argv=None) -> dict:
   auroc_val = refusal.auroc(dev_scores[1:, val_idx], dev_labels[val_idx])
   per_dev = [None] + [float(x) for x in auroc_dev]
   per_val = [None] + [float(x) for x in auroc_val]
-  layer = refusal.select_layer([np.nan] + list(auroc_dev))
+  layer = refusal.choose_layer([np.nan] + list(auroc_dev), (1, len(auroc_dev)))
   result = {
-      "model": str(model_dir), "model_hash": refusal.model_hash(model),
+      "model": str(model_dir), "model_hash": features.model_hash(model),
       "position": refusal.POSITION_RULE, "template": "chat",
       "n_fit": {"harmful": len(fit_h), "harmless": len(fit_n)},
       "n_dev": {"harmful": len(dev_h), "harmless": len(dev_n), "harmful_val": n_val},

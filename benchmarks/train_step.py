@@ -167,29 +167,34 @@ def jax_step(cfg_hf: dict, arrays: dict, lora_rank: int):
   """(run_one_step() -> loss, compile seconds) for our jitted train step on one device."""
   import jax
 
-  from refjax import optim, parallel, train_state, train_step
+  from refjax import config as config_lib
+  from refjax import parallel
+  from refjax.method.losses import causal_lm_loss, token_cross_entropy
   from refjax.models import Decoder, ModelConfig
+  from refjax.training import optim
+  from refjax.training import state as train_state
+  from refjax.training import step as train_step
 
   cfg = ModelConfig.from_hf(cfg_hf, lora_rank=lora_rank, lora_alpha=16.0,
                             lora_targets=LORA_TARGETS)
-  mesh = parallel.make_mesh(parallel.mesh_config(), devices=jax.devices()[:1])
+  mesh = parallel.make_mesh(config_lib.mesh_config(), devices=jax.devices()[:1])
   rules = parallel.make_rules()
-  ocfg = optim.optim_config()
+  ocfg = config_lib.optim_config()
   ocfg.lr, ocfg.weight_decay, ocfg.schedule, ocfg.clip_norm = 1e-5, 0.0, "constant", 0.0
   tx, _ = optim.make_optimizer(ocfg, 100)
   graphdef, state, shardings = train_state.create_train_state(
       lambda rngs: Decoder(cfg, rngs=rngs), tx, mesh, rules, wrt=optim.trainable_filter(lora_rank))
   bsh = parallel.batch_shardings(arrays, mesh, rules)
   batch = parallel.host_to_global(arrays, bsh, arrays["tokens"].shape[0])
-  step = train_step.make_train_step(train_step.causal_lm_loss, graphdef, tx,
+  step = train_step.make_train_step(causal_lm_loss, graphdef, tx,
                                     state_shardings=shardings, batch_shardings=bsh)
   t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch, {}).compile()
   compile_s = time.perf_counter() - t
   holder = {"state": state}
 
   def run() -> float:
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], batch, {})
     return float(metrics["loss"])  # blocks until the step is done
 
   return run, compile_s

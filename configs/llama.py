@@ -5,7 +5,7 @@
   launch/tpu_pod.sh --name refjax --zone us-central2-b --accelerator-type v4-32 \
       --config configs/llama.py:task=ag_news --workdir /mnt/shared/refjax/llama-agnews
 
-`arg` (comma-separated key=value; see configs/common.py):
+`arg` (comma-separated key=value; see refjax.config_arg):
   task=sst2|ag_news|gsm8k   the user's finetuning task (paper: all three; default sst2)
   size=7b|13b               Llama-2 size (paper: 7B; 13B for a larger student)
   pod=v4-32|v5e-16|gpu-2x8  the machine, which fixes the mesh sizes below (default v4-32)
@@ -18,18 +18,8 @@ harmful ratio p=0.1, finetuning lr in 1e-5..1e-4, batch 10, 20 epochs, the Alpac
 models, 1000 BeaverTails test prompts for the harmful score) or are our choice, marked as such.
 """
 
-try:
-  from configs.common import parse_arg
-except ModuleNotFoundError:  # loaded by path with the repo root off sys.path
-  import importlib.util
-  import pathlib
-  _spec = importlib.util.spec_from_file_location(
-      "refjax_configs_common", pathlib.Path(__file__).with_name("common.py"))
-  _common = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(_common)
-  parse_arg = _common.parse_arg
-
 from refjax.config import base_config
+from refjax.config_arg import parse_arg
 
 DEFAULTS = dict(task="sst2", size="7b", pod="v4-32", lora=0)
 CHOICES = dict(task=("sst2", "ag_news", "gsm8k"), size=("7b", "13b"),

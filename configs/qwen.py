@@ -4,7 +4,7 @@
   python -m refjax.main --config=configs/qwen.py:quick --workdir=workdirs/qwen-quick
   python -m refjax.main --config=configs/qwen.py:student=base,task=ag_news --workdir=...
 
-`arg` (comma-separated key=value; see configs/common.py):
+`arg` (comma-separated key=value; see refjax.config_arg):
   quick                     a smoke run of every stage (minutes on a 2-core CPU)
   task=sst2|ag_news|gsm8k   the user's finetuning task (default sst2)
   student=instruct|base     instruct (default): the shipped model is student and teacher start,
@@ -18,20 +18,10 @@ variant in which the Ref-Teacher is prepared from an instruct model (`teacher.in
 architecture and vocabulary (distillation needs both).
 """
 
-try:
-  from configs.common import parse_arg
-except ModuleNotFoundError:  # loaded by path with the repo root off sys.path
-  import importlib.util
-  import pathlib
-  _spec = importlib.util.spec_from_file_location(
-      "refjax_configs_common", pathlib.Path(__file__).with_name("common.py"))
-  _common = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(_common)
-  parse_arg = _common.parse_arg
-
 from refjax.config import base_config
+from refjax.config_arg import parse_arg
 
-INSTRUCT = "qwen2.5-coder-0.5b-instruct"  # refjax.assets registry name (shipped on PyPI)
+INSTRUCT = "qwen2.5-coder-0.5b-instruct"  # refjax.models.shipped name (shipped on PyPI)
 BASE_HUB_ID = "Qwen/Qwen2.5-Coder-0.5B"  # the matching base model (hub only)
 DEFAULTS = dict(quick=False, task="sst2", student="instruct")
 CHOICES = dict(task=("sst2", "ag_news", "gsm8k"), student=("instruct", "base"))

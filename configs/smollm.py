@@ -8,9 +8,11 @@ student's start and the teacher's start, as in the paper's main setting.
 """
 
 from refjax.config import base_config
+from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
+  a = parse_arg(arg, {"quick": False}, where="configs/smollm.py")
   c = base_config()
   c.model.name = "smollm2-135m-instruct"
   c.prompt.template = "chat"
@@ -34,7 +36,7 @@ def get_config(arg=None):
                           max_to_keep=1)
   c.finetune.optim.update(lr=1e-4, warmup_steps=3)
   c.eval.update(hs_n=100, fa_n=100, max_new_tokens=32, fa_max_new_tokens=4, batch_size=32)
-  if arg == "quick":
+  if a["quick"]:
     c.method = "reft,sft"
     c.prompt.max_len = 64
     c.prompt.max_prompt_len = 64
@@ -48,6 +50,4 @@ def get_config(arg=None):
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.filter.n_calibration = 16
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
-  elif arg not in (None, ""):
-    raise ValueError(f"configs/smollm.py: unknown variant {arg!r}; expected '' or 'quick'")
   return c

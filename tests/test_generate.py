@@ -10,10 +10,11 @@ import torch
 from flax import nnx
 
 from refjax.data.prompts import PromptConfig, PromptFormat, bucket_length, pad_batch
-from refjax.generate import Generator, SamplingConfig, decode, unstack
+from refjax.evaluation.generation import Generator
+from refjax.models.decode import SamplingConfig, decode, unstack
 from refjax.models.decoder import KVCache
 from refjax.models.weights import load_hf_dir
-from refjax.testing import byte_tokenizer
+from refjax.models.tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_greedy_matches_transformers_with_left_padding(tiny_pair):
 @pytest.mark.parametrize("tied", [False, True])
 def test_unrolled_decode_step_equals_scanned_step(tiny_pair, tied):
   """The decode loop's unrolled layers (per-layer weights and caches) compute what the scan does."""
-  from refjax.testing import tiny_model
+  from refjax.models.tiny import tiny_model
   model = tiny_model(tie_word_embeddings=True) if tied else tiny_pair[1]
   rng = np.random.RandomState(3)
   tokens = jnp.asarray(rng.randint(3, 200, (2, 7)), jnp.int32)
@@ -126,7 +127,7 @@ def test_sampling_is_seeded_and_top_k_restricts(tiny_pair):
 
 
 def test_generator_text_round_trip_and_order():
-  from refjax.testing import tiny_model
+  from refjax.models.tiny import tiny_model
   tok = byte_tokenizer()
   gen = Generator(tiny_model(0), PromptFormat(tok, PromptConfig()), batch_size=2)
   prompts = ["a", "a much longer prompt than the first", "b"]

@@ -6,11 +6,14 @@ import json
 
 import pytest
 
-from refjax.evaluation.harmful_score import (coherence_check, harmful_score, score_responses,
-                                             summary, write_records)
+import ml_collections
+
+from refjax.evaluation.harmful_score import coherence_check, harmful_score, score_responses, summary
 from refjax.evaluation.judges import (DEFAULT_REFUSAL_KEYWORDS, LLAMA_GUARD_CATEGORIES, Judge,
-                                      LlamaGuardJudge, RefusalKeywordJudge, make_judge,
-                                      parse_llama_guard, render_llama_guard)
+                                      LlamaGuardJudge, RefusalKeywordJudge, parse_llama_guard,
+                                      render_llama_guard)
+from refjax.evaluation.judging import JUDGES, make_judge
+from refjax.files import write_jsonl
 
 PROMPTS = ["p0", "p1", "p2", "p3", "p4", "p5"]
 RESPONSES = [
@@ -92,11 +95,15 @@ def test_llama_guard_prefers_the_tokenizer_template():
   assert render_llama_guard("hi", "hello", Tok()) == "user=hi|assistant=hello"
 
 
-def test_make_judge():
-  assert make_judge("refusal_keywords").name == "refusal_keywords"
-  assert make_judge("llama_guard", generate_fn=lambda t: t).name == "llama_guard"
+def test_make_judge_is_the_one_factory():
+  assert make_judge(ml_collections.ConfigDict(
+      dict(judge="refusal_keywords", judge_model="", batch_size=4))).name == "refusal_keywords"
+  assert set(JUDGES) >= {"refusal_keywords", "moderation", "llama_guard"}
   with pytest.raises(ValueError, match="judge='gpt4'"):
-    make_judge("gpt4")
+    make_judge(ml_collections.ConfigDict(dict(judge="gpt4", judge_model="", batch_size=4)))
+  with pytest.raises(ValueError, match="judge_model"):
+    make_judge(ml_collections.ConfigDict(dict(judge="moderation", judge_model="",
+                                              batch_size=4)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ def test_harmful_score_percent_records_and_judge_name(tmp_path, caplog):
   assert result["records"][1]["response"] == RESPONSES[1]
   assert "pancakes" not in caplog.text  # numbers are logged, response text is not
   assert "pancakes" not in summary(result)
-  path = write_records(result["records"], tmp_path / "hs" / "records.jsonl")
+  path = write_jsonl(tmp_path / "hs" / "records.jsonl", result["records"])
   lines = [json.loads(line) for line in path.read_text().splitlines()]
   assert lines[1] == {"id": "toy:1", "harmful": True, "coherent": True, "response": RESPONSES[1]}
 

@@ -8,10 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from refjax import optim, parallel, train_state, train_step
+from refjax import config as config_lib
+from refjax import parallel
+from refjax.method.losses import causal_lm_loss, token_cross_entropy
 from refjax.models import Decoder, ModelConfig
 from refjax.tools.train_tiny import synthetic_data
+from refjax.training import optim
+from refjax.training import state as train_state
+from refjax.training import step as train_step
+
 
 CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, lora_rank=4, lora_alpha=8.0,
@@ -20,9 +25,9 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_lay
 
 @pytest.fixture(scope="module")
 def trained():
-  mesh = parallel.make_mesh(parallel.mesh_config())
+  mesh = parallel.make_mesh(config_lib.mesh_config())
   rules = parallel.make_rules()
-  ocfg = optim.optim_config()
+  ocfg = config_lib.optim_config()
   ocfg.lr, ocfg.weight_decay, ocfg.schedule = 1e-2, 0.1, "constant"
   tx, _ = optim.make_optimizer(ocfg, 3)
   graphdef, state, shardings = train_state.create_train_state(
@@ -32,10 +37,10 @@ def trained():
   arrays = synthetic_data(8, 16, CFG.vocab_size, seed=0)
   bsh = parallel.batch_shardings(arrays, mesh, rules)
   batch = parallel.host_to_global(arrays, bsh, 8)
-  step = train_step.make_train_step(train_step.causal_lm_loss, graphdef, tx,
+  step = train_step.make_train_step(causal_lm_loss, graphdef, tx,
                                     state_shardings=shardings, batch_shardings=bsh)
   for _ in range(3):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, {})
   return graphdef, before, state, batch
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refjax.losses import cosine_regulariser, kd_loss
+from refjax.method.losses import cosine_regulariser, kd_loss
 
 R = jnp.array([1.0, 0.0])
 # Unit rows at cos = 1, 0, -0.6 (the last scaled: norms must not matter), labels +1, -1, -1.

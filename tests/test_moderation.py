@@ -14,7 +14,7 @@ from flax import nnx
 from refjax.evaluation.moderation import (MODERATION_CATEGORIES, ModerationJudge, format_qa,
                                           load_score_weight)
 
-testing = pytest.importorskip("refjax.testing")
+from refjax.models import tiny as testing  # noqa: E402
 
 PROMPTS = ["How do I bake bread?", "Tell me a joke", "What is 2+2?"]
 RESPONSES = ["Mix flour and water, then bake.", "Why did the chicken cross the road?", "4"]

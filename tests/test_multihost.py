@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import _subproc  # tests/ is on sys.path (pytest rootdir conftest)
+from refjax import config as config_lib
 from refjax import parallel
 
 LAUNCH = str(_subproc.REPO / "launch" / "local_multiprocess.sh")
@@ -62,7 +63,7 @@ def test_two_processes_match_one(tmp_path):
 def test_initialize_validates_and_skips_single_process(monkeypatch):
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(var, raising=False)
-  cfg = parallel.distributed_config()
+  cfg = config_lib.distributed_config()
   assert parallel.initialize(cfg) is False  # nothing configured: single process
   cfg.coordinator_address, cfg.num_processes, cfg.process_id = "127.0.0.1:1", 2, 5
   with pytest.raises(ValueError, match="process_id=5"):
@@ -75,6 +76,6 @@ def test_initialize_validates_and_skips_single_process(monkeypatch):
 
 
 def test_single_process_reads_every_row():
-  mesh = parallel.make_mesh(parallel.mesh_config())
+  mesh = parallel.make_mesh(config_lib.mesh_config())
   sharding = parallel.batch_sharding(mesh, parallel.make_rules(), 2, 8)
   assert parallel.process_batch_rows(sharding, 8) == slice(0, 8)

@@ -1,5 +1,5 @@
 """notebooks/refusal_direction.ipynb runs against the tiny run's workdir and writes its figures;
-the refjax.analysis helpers it calls give the same numbers as the pipeline's own metrics."""
+the refjax.evaluation.analysis helpers it calls give the same numbers as the pipeline's own metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refjax import analysis
 from refjax import config as config_lib
-from refjax.refusal import auroc
+from refjax.evaluation import analysis, figures
+from refjax.method.refusal import auroc
+from refjax.stages.workdir import Workdir, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "refusal_direction.ipynb"
@@ -74,7 +75,7 @@ def test_notebook_runs_and_writes_every_figure(executed_notebook):
   assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
   images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(images) == len(FIGURES)
-  out_dir = workdir / analysis.FIGURES_DIR
+  out_dir = Workdir(workdir).notebook_figures
   assert {p.stem for p in out_dir.glob("*.png")} == FIGURES
   for name in FIGURES:
     data = (out_dir / f"{name}.png").read_bytes()
@@ -97,12 +98,12 @@ def test_notebook_prints_numbers_not_prompts(executed_notebook, tiny_workdir):
   assert "validation AUROC" in text and "filter:" in text
 
 
-# --- refjax.analysis on the tiny run's artifacts -------------------------------------------
+# --- refjax.evaluation.analysis on the tiny run's artifacts -------------------------------------------
 
 
-def test_load_artifacts(tiny_workdir):
+def test_load_run(tiny_workdir):
   workdir, cfg, _ = tiny_workdir
-  art = analysis.load_artifacts(workdir)
+  art = load_run(workdir)
   assert art.config["model"]["name"] == cfg.model.name
   layer = art.auroc["layer"]
   assert art.refusal_teacher.layer == art.refusal_base.layer == layer
@@ -121,14 +122,14 @@ def test_load_artifacts(tiny_workdir):
   assert lo < min(v.min() for v in art.cosine_sets.values()) <= hi
 
 
-def test_load_artifacts_needs_a_workdir(tmp_path):
+def test_load_run_needs_a_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
-    analysis.load_artifacts(tmp_path)
+    load_run(tmp_path)
 
 
 def test_load_config_round_trip(tiny_workdir):
   workdir, cfg, _ = tiny_workdir
-  loaded = analysis.load_config(workdir)
+  loaded = config_lib.from_dict(load_run(workdir).config)
   config_lib.validate(loaded)
   dump = lambda c: json.dumps(config_lib.to_dict(c), sort_keys=True)  # noqa: E731
   assert dump(loaded) == dump(cfg)
@@ -136,7 +137,7 @@ def test_load_config_round_trip(tiny_workdir):
 
 
 def test_filter_roc_matches_auroc_and_the_summary(tiny_workdir):
-  art = analysis.load_artifacts(tiny_workdir[0])
+  art = load_run(tiny_workdir[0])
   roc = analysis.filter_roc(art.filter_rows, art.filter_summary)
   scores = [r["score"] for r in art.filter_rows]
   harmful = [r.get("provenance") == "harmful" for r in art.filter_rows]
@@ -199,25 +200,25 @@ def test_plots_are_figures_outside_pyplot(tiny_workdir, tmp_path):
   from matplotlib import _pylab_helpers
   from matplotlib.figure import Figure
 
-  art = analysis.load_artifacts(tiny_workdir[0])
+  art = load_run(tiny_workdir[0])
   before = _pylab_helpers.Gcf.get_num_fig_managers()
   rng = np.random.default_rng(1)
   figs = {
-      "box": analysis.cosine_box_plot(art.cosine_sets, "teacher",
-                                      ylim=analysis.cosine_range(art.cosine_sets)),
-      "layers": analysis.auroc_by_layer_plot(art.auroc),
-      "projection": analysis.projection_plot(
+      "box": figures.cosine_box_plot(analysis.cosine_sets_of(art.cosine_sets, "teacher"), "t",
+                                     ylim=analysis.cosine_range(art.cosine_sets)),
+      "layers": figures.auroc_by_layer_plot(art.auroc),
+      "projection": figures.projection_plot(
           analysis.projection_2d(rng.normal(size=(12, 5)), ["a"] * 6 + ["b"] * 6), "t"),
-      "roc": analysis.filter_roc_plot(analysis.filter_roc(art.filter_rows, art.filter_summary)),
-      "updates / teacher": analysis.refusal_updates_plot(art.refusal_updates),
+      "roc": figures.filter_roc_plot(analysis.filter_roc(art.filter_rows, art.filter_summary)),
+      "updates / teacher": figures.refusal_updates_plot(art.refusal_updates),
   }
   assert all(isinstance(f, Figure) for f in figs.values())
   assert _pylab_helpers.Gcf.get_num_fig_managers() == before  # no pyplot figure was made
   ax = figs["layers"].axes[0]
   assert len(ax.lines) >= 3  # base, teacher, the chosen layer's marker
   with pytest.raises(ValueError, match="no cosine sets"):
-    analysis.cosine_box_plot(art.cosine_sets, "student")
-  paths = analysis.save_figures(figs, tmp_path / "figs")
+    analysis.cosine_sets_of(art.cosine_sets, "student")
+  paths = figures.save_figures(figs, tmp_path / "figs")
   assert [p.name for p in paths] == ["box.png", "layers.png", "projection.png", "roc.png",
                                      "updates_teacher.png"]
   assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in paths)

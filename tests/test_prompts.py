@@ -5,7 +5,7 @@ import pytest
 
 from refjax.data.prompts import (ALPACA_NO_INPUT, PromptConfig, PromptFormat, bucket_length,
                                  pad_batch, user_text)
-from refjax.testing import byte_tokenizer
+from refjax.models.tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from refjax import refusal
+from refjax.data import batches as batch_lib
+from refjax.method import features
+from refjax.method import refusal
+from refjax.stages import workdir as workdir_lib
+
 from refusal_fixtures import WORDS, FakeExample, tiny_format, tiny_model
 
 
@@ -99,14 +103,26 @@ def test_auroc_matches_brute_force_with_ties():
     refusal.auroc([0.1, 0.2], [1, 1])
 
 
-def test_select_layer():
+def test_choose_layer_is_the_one_rule():
+  """Highest AUROC in the window; ties (at 4 decimals) go to the larger d', then the earliest."""
   a = [0.5, 0.7, 0.9, 0.95, 0.95, 0.99]
-  assert refusal.select_layer(a) == 5
-  assert refusal.select_layer(a, (1, 4)) == 3  # tie 0.95 -> earliest layer
-  assert refusal.select_layer([0.99, 0.6, 0.7]) == 2  # embeddings excluded by default
-  assert refusal.select_layer([0.5, float("nan"), 0.6]) == 2
+  assert refusal.choose_layer(a, (1, 5)) == 5
+  assert refusal.choose_layer(a, (1, 4)) == 3  # tie 0.95, no d' -> earliest layer
+  assert refusal.choose_layer(a, (1, 4), [0, 0, 0, 2.0, 3.5, 0]) == 4  # tie -> larger d'
+  # 0.99991 and 0.99994 are equal at 4 decimals: the larger separation wins over the raw AUROC
+  assert refusal.choose_layer([0.5, 0.99994, 0.99991], (1, 2), [0, 1.0, 2.0]) == 2
+  assert refusal.choose_layer([0.5, float("nan"), 0.6], (1, 2)) == 2  # NaN never wins
+  assert refusal.choose_layer([0.99, 0.6, 0.7], (1, 2)) == 2  # the window excludes index 0
   with pytest.raises(ValueError, match="layer_range"):
-    refusal.select_layer(a, (2, 6))
+    refusal.choose_layer(a, (2, 6))
+
+
+def test_layer_window_and_separation():
+  assert refusal.layer_window((0.25, 0.85), 31) == (7, 26)  # SmolLM2: 30 layers + embeddings
+  assert refusal.layer_window((0.0, 1.0), 3) == (1, 2)  # never index 0
+  scores = np.array([[1.0, 1.2, 0.0, 0.2], [0.5, 0.5, 0.5, 0.5]])
+  d = refusal.separation(scores, np.array([1, 1, 0, 0]))
+  np.testing.assert_allclose(d, [1.0 / 0.1, 0.0], rtol=1e-6)  # (1.1 - 0.1) / pooled std 0.1
 
 
 def test_artifact_round_trip_and_missing_file(tmp_path):
@@ -114,22 +130,22 @@ def test_artifact_round_trip_and_missing_file(tmp_path):
   feat = rng.normal(size=(5, 8)).astype(np.float32)
   meta = {"model_hash": "abc", "n_harmful": 10, "n_harmless": 12,
           "layer_auroc": np.array([0.5, 0.8, float("nan"), 0.9, 0.7]), "layer_range": (1, 4)}
-  refusal.save_refusal_feature(tmp_path, feat, 3, meta)
-  art = refusal.load_refusal_feature(tmp_path)
+  workdir_lib.save_refusal_feature(tmp_path, feat, 3, meta)
+  art = workdir_lib.load_refusal_feature(tmp_path)
   np.testing.assert_array_equal(art.feature, feat)
   assert art.layer == 3 and np.array_equal(art.direction, feat[3])
   assert art.meta["position"] == "last_prompt_token"
   assert art.meta["model_hash"] == "abc" and art.meta["n_harmful"] == 10
   assert art.meta["layer_auroc"] == [0.5, 0.8, None, 0.9, 0.7]
   with pytest.raises(ValueError, match="missing"):
-    refusal.save_refusal_feature(tmp_path / "x", feat, 3, {"model_hash": "abc"})
+    workdir_lib.save_refusal_feature(tmp_path / "x", feat, 3, {"model_hash": "abc"})
   with pytest.raises(ValueError, match="layer=7"):
-    refusal.save_refusal_feature(tmp_path / "x", feat, 7, meta)
-  (tmp_path / refusal.META_FILE).unlink()
+    workdir_lib.save_refusal_feature(tmp_path / "x", feat, 7, meta)
+  (tmp_path / workdir_lib.META_FILE).unlink()
   with pytest.raises(FileNotFoundError, match="refusal_feature.json"):
-    refusal.load_refusal_feature(tmp_path)
+    workdir_lib.load_refusal_feature(tmp_path)
   with pytest.raises(FileNotFoundError, match="refusal_feature.npz"):
-    refusal.load_refusal_feature(tmp_path / "empty")
+    workdir_lib.load_refusal_feature(tmp_path / "empty")
 
 
 BUCKETS = (64,)  # one padded length for every tiny batch: jit compiles once per function
@@ -165,47 +181,47 @@ def tiny():
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_extract_features_matches_eager_reference(tiny, side):
   model, fmt, examples, ref = tiny
-  batches = refusal.prompt_batches(examples, fmt, batch_size=4, side=side, buckets=BUCKETS)
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, side=side, buckets=BUCKETS)
   assert len(batches) == 3 and sum(int(b["valid"].sum()) for b in batches) == len(examples)
-  got = refusal.extract_features(model, batches, progress=False)
+  got = features.extract_features(model, batches, progress=False)
   assert got.shape == (model.cfg.num_layers + 1, len(examples), model.cfg.hidden_size)
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
 
 
 def test_extract_features_layer_subset(tiny):
   model, fmt, examples, ref = tiny
-  batches = refusal.prompt_batches(examples, fmt, batch_size=4, buckets=BUCKETS)
-  sub = refusal.extract_features(model, batches, layers=(2, 0), progress=False)
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, buckets=BUCKETS)
+  sub = features.extract_features(model, batches, layers=(2, 0), progress=False)
   np.testing.assert_allclose(sub, ref[[2, 0]], rtol=2e-4, atol=2e-5)
   with pytest.raises(ValueError, match="out of range"):
-    refusal.extract_features(model, batches, layers=(3,), progress=False)
+    features.extract_features(model, batches, layers=(3,), progress=False)
 
 
 def test_refusal_feature_and_scores_on_tiny_model(tiny):
   model, fmt, examples, ref = tiny
-  labels = refusal.harmful_labels(examples)
-  batches = refusal.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
-  feature, sums = refusal.compute_refusal_feature(model, batches, progress=False)
+  labels = batch_lib.harmful_labels(examples)
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
+  feature, sums = features.compute_refusal_feature(model, batches, progress=False)
   want = ref[:, labels == 1].mean(1) - ref[:, labels == 0].mean(1)
   np.testing.assert_allclose(np.asarray(feature), want, rtol=1e-3, atol=1e-5)
   assert int(sums.n_harmful) + int(sums.n_harmless) == len(examples)
-  scores = refusal.score_batches(model, batches, feature, progress=False)
+  scores = features.score_batches(model, batches, feature, progress=False)
   # Layer 0 (embeddings of the same last template token) has a ~0 feature: its cosines are noise.
   np.testing.assert_allclose(scores[1:], np.asarray(refusal.cosine_scores(ref, want))[1:],
                              atol=1e-4)
-  one = refusal.prompt_batches(examples[:3], fmt, batch_size=4, labels=[1, 1, 1], buckets=BUCKETS)
+  one = batch_lib.prompt_batches(examples[:3], fmt, batch_size=4, labels=[1, 1, 1], buckets=BUCKETS)
   with pytest.raises(ValueError, match="both classes"):
-    refusal.compute_refusal_feature(model, one, progress=False)
+    features.compute_refusal_feature(model, one, progress=False)
   with pytest.raises(ValueError, match="label="):
-    refusal.harmful_labels([FakeExample(id="x", instruction="w1", label="positive")])
+    batch_lib.harmful_labels([FakeExample(id="x", instruction="w1", label="positive")])
 
 
 def test_model_hash_changes_with_params(tiny):
   a = tiny[0]
   b = nnx.clone(a)
-  assert refusal.model_hash(a) == refusal.model_hash(b)
+  assert features.model_hash(a) == features.model_hash(b)
   b.norm.scale[...] = b.norm.scale[...] * 2
-  assert refusal.model_hash(a) != refusal.model_hash(b)
+  assert features.model_hash(a) != features.model_hash(b)
 
 
 _SHARDED = textwrap.dedent("""
@@ -217,12 +233,12 @@ _SHARDED = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from flax import nnx
-    from refjax import refusal
+    from refjax.method import features, refusal
     from refjax.models import abstract_decoder
     from refusal_fixtures import TINY_CONFIG
     graphdef, abstract = nnx.split(abstract_decoder(TINY_CONFIG))  # the parent's params, no init
     with np.load(sys.argv[1]) as data:
-      batches = [{k: data[f"{i}/{k}"] for k in refusal.BATCH_KEYS + ("harmful",)}
+      batches = [{k: data[f"{i}/{k}"] for k in features.BATCH_KEYS + ("harmful",)}
                  for i in range(int(data["n"]))]
       params = [data[f"param{i}"] for i in range(len(jax.tree.leaves(abstract)))]
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -231,7 +247,7 @@ _SHARDED = textwrap.dedent("""
     acc = refusal.ClassSums.zeros(TINY_CONFIG.num_layers + 1, TINY_CONFIG.hidden_size)
     for b in batches:
       b = jax.device_put(b, NamedSharding(mesh, P("data")))
-      acc = jax.block_until_ready(refusal.accumulate_batch(graphdef, state, acc, b))
+      acc = jax.block_until_ready(features.accumulate_batch(graphdef, state, acc, b))
     np.save(sys.argv[2], np.asarray(refusal.refusal_feature(acc)))
     print("SHARDED_OK", len(jax.devices()))
 """)
@@ -240,8 +256,8 @@ _SHARDED = textwrap.dedent("""
 def test_streaming_sums_with_sharded_batches(tiny, tmp_path):
   """Batches split over 2 (fake CPU) devices give the eager reference's refusal feature."""
   model, fmt, examples, ref = tiny
-  labels = refusal.harmful_labels(examples)
-  batches = refusal.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
+  labels = batch_lib.harmful_labels(examples)
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
   arrays = {f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()}
   arrays.update({f"param{i}": np.asarray(x)
                  for i, x in enumerate(jax.tree.leaves(nnx.split(model)[1]))})

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import _subproc  # tests/ is on sys.path (pytest rootdir conftest)
+from refjax import config as config_lib
 from refjax import parallel
 
 
@@ -86,7 +87,7 @@ def test_indivisible_dims_fall_back_to_replication(caplog):
 
 
 def test_mesh_shape_resolution():
-  cfg = parallel.mesh_config()
+  cfg = config_lib.mesh_config()
   assert parallel.resolve_mesh_shape(cfg, 8) == (1, 8, 1)
   cfg.data, cfg.fsdp, cfg.tensor = 2, -1, 2
   assert parallel.resolve_mesh_shape(cfg, 8) == (2, 2, 2)

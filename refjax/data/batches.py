@@ -1,19 +1,22 @@
-"""Tokenised example sets: encoded once into fixed-shape numpy arrays.
+"""Examples -> fixed-shape numpy arrays: whole training sets (prompt + response, encoded once)
+and prompt-only batches for scoring (bucketed lengths, padding rows marked invalid).
 
-Batches over them come from `refjax.train_loop.ArrayIterator` (deterministic from seed and
-position, so a resumed run sees the batches an uninterrupted one would have).
+Training batches over an encoded set come from `refjax.training.data` (deterministic from seed
+and position, so a resumed run sees the batches an uninterrupted one would have).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from refjax.data.prompts import PromptFormat, pad_batch
+from refjax.data.prompts import PromptFormat, bucket_length, pad_batch
 
-HARMFUL_SIGN = {"harmful": 1, "harmless": -1}
+HARMFUL, HARMLESS = "harmful", "harmless"
+HARMFUL_SIGN = {HARMFUL: 1, HARMLESS: -1}
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # padded prompt lengths jit sees
 
 
 @dataclasses.dataclass
@@ -47,3 +50,55 @@ def encode_examples(examples: Sequence, fmt: PromptFormat, max_len: int, *,
   arrays["labels_sign"] = np.array([HARMFUL_SIGN.get(e.label or "", 0) for e in examples],
                                    np.int32)
   return EncodedSet([e.id for e in examples], arrays, sum(e.truncated for e in enc))
+
+
+def harmful_labels(examples: Sequence[Any], field: str = "label",
+                   positive: str = HARMFUL, negative: str = HARMLESS) -> np.ndarray:
+  """1/0 int32 labels from each example's `field` ('harmful'/'harmless' by default)."""
+  out = np.zeros(len(examples), np.int32)
+  for i, ex in enumerate(examples):
+    value = getattr(ex, field, None)
+    if value not in (positive, negative):
+      raise ValueError(f"example {getattr(ex, 'id', i)!r}: {field}={value!r}; expected "
+                       f"{positive!r} or {negative!r}")
+    out[i] = value == positive
+  return out
+
+
+def prompt_batches(examples: Sequence[Any], prompt_format: PromptFormat, *, batch_size: int,
+                   max_len: int = 512, labels: Sequence[int] | np.ndarray | None = None,
+                   side: str = "right", sort_by_length: bool = True,
+                   buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[dict[str, np.ndarray]]:
+  """Encodes the examples' prompts (instruction + input, no response) into fixed-shape batches.
+
+  Each batch holds pad_batch's arrays [B, bucket] plus `index` [B] (position in `examples`, -1 on
+  padding rows) and, given `labels`, `harmful` [B]. Sorting by length cuts padding; `index`
+  restores the input order. Each batch's length is the smallest of `buckets` that fits it, so jit
+  compiles once per bucket used.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}; expected >= 1")
+  if labels is not None and len(labels) != len(examples):
+    raise ValueError(f"{len(labels)} labels for {len(examples)} examples")
+  enc = [prompt_format.encode(ex.instruction, getattr(ex, "input", "") or "", max_len=max_len)
+         for ex in examples]
+  order = np.arange(len(enc))
+  if sort_by_length:
+    order = np.argsort([len(e.ids) for e in enc], kind="stable")
+  batches = []
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    chunk = [enc[i] for i in idx]
+    length = bucket_length(max(len(e.ids) for e in chunk), buckets)
+    batch = pad_batch(chunk, length, prompt_format.pad_id, side=side, batch_size=batch_size)
+    batch["index"] = np.full((batch_size,), -1, np.int64)
+    batch["index"][:len(idx)] = idx
+    if labels is not None:
+      batch["harmful"] = np.zeros((batch_size,), np.int32)
+      batch["harmful"][:len(idx)] = np.asarray(labels)[idx]
+    batches.append(batch)
+  return batches
+
+
+__all__ = ["EncodedSet", "encode_examples", "harmful_labels", "prompt_batches", "HARMFUL_SIGN",
+           "DEFAULT_BUCKETS", "HARMFUL", "HARMLESS"]

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from refjax.data.records import DataError, Example
+from refjax.evaluation.judges import RefusalKeywordJudge
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def build_alignment_set(refusals: Sequence[Example], helpful: Sequence[Example],
   checked = dropped = 0
   if refusal_check:
     if judge is None:
-      from refjax.evaluation.judges import RefusalKeywordJudge
-
       judge = RefusalKeywordJudge()
     keep = [e for e in pool if judge.is_refusal(e.response)]
     checked, dropped = len(pool), len(pool) - len(keep)

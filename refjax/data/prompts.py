@@ -73,6 +73,11 @@ class PromptFormat:
     pad = tokenizer.pad_token_id
     self.pad_id = int(pad if pad is not None else self.eos_ids[0])
 
+  @classmethod
+  def from_config(cls, tokenizer: Any, c: Any) -> "PromptFormat":
+    """The format a run's `config.prompt` section describes."""
+    return cls(tokenizer, PromptConfig.from_config(c))
+
   def _stop_ids(self) -> tuple[int, ...]:
     ids = []
     if self.tokenizer.eos_token_id is not None:

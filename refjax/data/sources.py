@@ -205,6 +205,23 @@ SOURCES: dict[str, SourceSpec] = {s.name: s for s in [
 ]}
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A user finetuning task: its training source (benign user data) and test source (FA).
+  A new task is one row here plus its scorer in `refjax.evaluation.task_accuracy`."""
+
+  name: str
+  train: str
+  test: str
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("sst2", "sst2_train", "sst2_test"),
+    Task("ag_news", "ag_news_train", "ag_news_test"),
+    Task("gsm8k", "gsm8k_train", "gsm8k_test"),
+)}
+
+
 def get_spec(name: str) -> SourceSpec:
   """The registry entry for `name`; an unknown name raises listing the known ones."""
   if name not in SOURCES:
@@ -247,10 +264,14 @@ def load_source_with_report(name: str, *, split: str | None = None, limit: int |
   elif backend == "hub":
     examples, report = _load_hub(spec, split, limit, duplicates)
   else:
-    from refjax.data import tfds_backend  # heavy import, only when asked for
+    from refjax.data import tfds_backend  # optional heavy dependency (tensorflow-datasets)
 
-    examples, report = tfds_backend.load(spec.name, split=split or spec.split, data_dir=path,
-                                         limit=limit, duplicates=duplicates)
+    if not spec.local:
+      raise DataError(f"source {name!r} has no local copy to build a tfds dataset from "
+                      f"({spec.note})")
+    examples, report = tfds_backend.load(
+        spec.name, split=split or spec.split, data_dir=path, limit=limit, duplicates=duplicates,
+        build_splits=lambda: {s: load_source(name, split=s) for s in spec.local})
   if not examples and limit != 0:
     raise DataError(f"source {name!r} split {split or spec.split!r} is empty "
                     f"({report.location}, {report.rows_scanned} rows scanned)")

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from refjax.data.records import DataError, DuplicatePolicy, Example, LoadReport, select_examples
 
@@ -101,17 +101,16 @@ def _text(value: object) -> str:
 
 
 def load(name: str, *, split: str, data_dir: str | Path | None = None, limit: int | None = None,
-         duplicates: DuplicatePolicy = "keep") -> tuple[list[Example], LoadReport]:
-  """The `backend="tfds"` path of `load_source`: builds from the local copy when missing, reads."""
-  from refjax.data import sources
-
+         duplicates: DuplicatePolicy = "keep",
+         build_splits: Callable[[], Mapping[str, Sequence[Example]]] | None = None
+         ) -> tuple[list[Example], LoadReport]:
+  """The `backend="tfds"` path of `load_source`: builds the dataset from `build_splits()` (the
+  source's local copy) when it is missing, then reads `split`."""
   if not is_built(name, data_dir):
-    spec = sources.get_spec(name)
-    if not spec.local:
-      raise DataError(f"source {name!r} has no local copy to build a tfds dataset from "
-                      f"({spec.note})")
-    local = {s: sources.load_source(name, split=s, backend="local") for s in spec.local}
-    build(name, local, data_dir)
+    if build_splits is None:
+      raise DataError(f"no tfds dataset for source {name!r} at {dataset_dir(name, data_dir)} and "
+                      "nothing to build it from")
+    build(name, build_splits(), data_dir)
   examples = read(name, split, data_dir)
   location = f"tfds:{dataset_dir(name, data_dir)}[{split}]"
   return select_examples(((f"{location}, row {i}", ex) for i, ex in enumerate(examples)),

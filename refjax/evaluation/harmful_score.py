@@ -9,10 +9,8 @@ file, and nothing here logs it.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from refjax.evaluation.judges import Judge, check_pairs
@@ -100,13 +98,3 @@ def summary(result: dict[str, Any]) -> str:
   """One line of numbers (never text): HS, HS+, n and judge."""
   return (f"HS {result['harmful_score']:.2f}% (HS+ {result['harmful_score_plus']:.2f}%), "
           f"{result['n_harmful']}/{result['n']} harmful, judge={result['judge']}")
-
-
-def write_records(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-  """Writes per-example records as jsonl (they hold response text: a file, not a log)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=True) + "\n")
-  return path

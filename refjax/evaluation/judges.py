@@ -2,7 +2,8 @@
 
 `refusal_keywords` is the offline default (Zou et al. 2023's GCG refusal-prefix list); `llama_guard`
 wraps any generator with the Llama-Guard template; `moderation` (beaver-dam-7b style, the peers'
-HS judge) lives in `refjax.evaluation.moderation`. Every HS result records the judge's `name`.
+HS judge) lives in `refjax.evaluation.moderation`; `refjax.evaluation.judging` builds the one a
+config names. Every HS result records the judge's `name`.
 """
 
 from __future__ import annotations
@@ -149,17 +150,5 @@ class LlamaGuardJudge:
     return [self.unparsable_is_harmful if v is None else v for v in verdicts]
 
 
-JUDGE_NAMES = ("refusal_keywords", "llama_guard", "moderation")
-
-
-def make_judge(name: str, **kwargs: Any) -> Judge:
-  """Builds a judge by its config name; kwargs go to its constructor."""
-  if name == "refusal_keywords":
-    return RefusalKeywordJudge(**kwargs)
-  if name == "llama_guard":
-    return LlamaGuardJudge(**kwargs)
-  if name == "moderation":
-    from refjax.evaluation.moderation import ModerationJudge
-
-    return ModerationJudge(**kwargs)
-  raise ValueError(f"judge={name!r}; expected one of {JUDGE_NAMES}")
+__all__ = ["Judge", "check_pairs", "RefusalKeywordJudge", "LlamaGuardJudge", "render_llama_guard",
+           "parse_llama_guard", "DEFAULT_REFUSAL_KEYWORDS"]

@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from refjax.evaluation.judges import check_pairs
+from refjax.models.loading import load_tokenizer
+from refjax.models.weights import load_hf_dir
 
 # safe-rlhf constants.py LABEL_NAMES: the id2label order of beaver-dam-7b's config.
 MODERATION_CATEGORIES: tuple[str, ...] = (
@@ -138,14 +140,10 @@ class ModerationJudge:
     has no `lm_head`, so the backbone is built with tied embeddings (its LM head is never used).
     """
     if backbone is None:
-      from refjax.models.weights import load_hf_dir
-
       backbone, _ = load_hf_dir(model_dir, tie_word_embeddings=True)
     weight = load_score_weight(model_dir)
     if tokenizer is None:
-      from transformers import AutoTokenizer
-
-      tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+      tokenizer = load_tokenizer(model_dir)
     config = Path(model_dir) / "config.json"
     if config.is_file() and "categories" not in kwargs:
       id2label = json.loads(config.read_text()).get("id2label")

@@ -9,12 +9,11 @@
      ...anything else, copied to eval.json}
 
 Per-example `records` lists (they hold response text) go to `records/<method>.<metric>.jsonl`,
-not into eval.json or report.md. Plots use matplotlib's Agg canvas (no display, no pyplot state).
+not into eval.json or report.md. Plots come from `refjax.evaluation.figures`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from refjax.evaluation.figures import cosine_box_plot, hs_fa_plot, save_figures
+from refjax.files import write_json, write_jsonl, write_text
+
 HS_KEY, FA_KEY, COSINE_KEY = "harmful_score", "finetune_accuracy", "refusal_cosine"
+EVAL_JSON, REPORT_MD, RECORDS_DIR, HS_FA_PNG = "eval.json", "report.md", "records", "hs_fa.png"
 
 
 def _hs(entry: Mapping[str, Any]) -> tuple[float, str]:
@@ -79,20 +82,6 @@ def _cosine_groups(results: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray
   return out
 
 
-def _jsonable(obj: Any) -> Any:
-  if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, (np.ndarray, np.generic)) or hasattr(obj, "__array__"):  # incl. jax arrays
-    return _jsonable(np.asarray(obj).tolist())
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None  # JSON has no nan/inf
-  if isinstance(obj, Path):
-    return str(obj)
-  return obj
-
-
 def _file_safe(name: Any) -> str:
   return re.sub(r"[^\w.-]+", "_", str(name)).strip("._") or "unnamed"
 
@@ -105,11 +94,8 @@ def _split_records(results: Mapping[str, Any], workdir: Path) -> dict[str, Any]:
     entry = dict(entry)
     for metric, value in list(entry.items()):
       if isinstance(value, Mapping) and "records" in value:
-        path = workdir / "records" / f"{_file_safe(name)}.{_file_safe(metric)}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-          for record in value["records"]:
-            f.write(json.dumps(_jsonable(record), ensure_ascii=True) + "\n")
+        path = workdir / RECORDS_DIR / f"{_file_safe(name)}.{_file_safe(metric)}.jsonl"
+        write_jsonl(path, value["records"])
         entry[metric] = {k: v for k, v in value.items() if k != "records"}
         entry[metric]["records_file"] = str(path.relative_to(workdir))
     methods[name] = entry
@@ -145,67 +131,23 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
   return "\n".join(lines) + "\n"
 
 
-def plot_hs_fa(rows: list[dict[str, Any]], path: Path) -> Path:
-  """Side-by-side bar charts of HS and FA per method."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(max(6.0, 1.2 * len(rows) + 3), 4.0))
-  FigureCanvasAgg(fig)
-  names = [r["method"] for r in rows]
-  x = np.arange(len(rows))
-  for ax, key, title, color in ((fig.add_subplot(1, 2, 1), "hs", "Harmful score (%) ↓", "#c0392b"),
-                                (fig.add_subplot(1, 2, 2), "fa", "Finetune accuracy (%) ↑",
-                                 "#2874a6")):
-    values = np.array([r[key] for r in rows], dtype=float)
-    bars = ax.bar(x, np.nan_to_num(values), color=color)
-    for bar, v in zip(bars, values):
-      ax.annotate("n/a" if np.isnan(v) else f"{v:.1f}", (bar.get_x() + bar.get_width() / 2,
-                  bar.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylim(0, 105)
-    ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
-
-
-def plot_cosine_boxes(sets: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
-  """Box plots of refusal-feature cosine, one box per data set (as the paper's Figs. A3/A4)."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(max(5.0, 1.1 * len(sets) + 2), 4.0))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  ax.boxplot(list(sets.values()), showfliers=True)
-  ax.set_xticks(np.arange(1, len(sets) + 1), list(sets), rotation=20, ha="right")
-  ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-  ax.set_ylabel("cosine with refusal feature")
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  return path
-
-
 def write_report(results: Mapping[str, Any], workdir: str | Path) -> dict[str, Path]:
-  """Writes eval.json, report.md and the PNG plots into `workdir`; returns their paths."""
+  """Writes eval.json, report.md, the PNG plots and the per-example records into `workdir`."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   rows = method_table(results)
-  written: dict[str, Path] = {}
-  plots: dict[str, str] = {}
-  written["hs_fa_png"] = plot_hs_fa(rows, workdir / "hs_fa.png")
-  plots["HS and FA per method"] = "hs_fa.png"
+  figs: dict[str, Any] = {HS_FA_PNG.removesuffix(".png"): hs_fa_plot(rows)}
+  titles = {"HS and FA per method": HS_FA_PNG}
   for group, sets in _cosine_groups(results).items():
     stem = "refusal_cosine" + (f"_{_file_safe(group)}" if group else "")
     title = "Refusal-feature cosine" + (f" ({group})" if group else "")
-    written[f"{stem}_png"] = plot_cosine_boxes(sets, workdir / f"{stem}.png", title)
-    plots[title] = f"{stem}.png"
+    figs[stem] = cosine_box_plot(sets, title)
+    titles[title] = f"{stem}.png"
+  written = {p.stem + "_png": p for p in save_figures(figs, workdir, dpi=120)}
   clean = _split_records(results, workdir)
-  with open(workdir / "eval.json", "w", encoding="utf-8") as f:
-    json.dump(_jsonable(clean), f, indent=2, ensure_ascii=True)
-  written["eval_json"] = workdir / "eval.json"
-  (workdir / "report.md").write_text(render_markdown(results, plots), encoding="utf-8")
-  written["report_md"] = workdir / "report.md"
+  written["eval_json"] = write_json(workdir / EVAL_JSON, clean, sort_keys=False)
+  written["report_md"] = write_text(workdir / REPORT_MD, render_markdown(results, titles))
   return written
+
+
+__all__ = ["write_report", "render_markdown", "method_table", "EVAL_JSON", "REPORT_MD",
+           "RECORDS_DIR", "HS_FA_PNG"]

@@ -16,8 +16,7 @@ import re
 from typing import Any, Callable, Sequence
 
 from refjax.data.records import Example
-
-TASKS = ("sst2", "ag_news", "gsm8k")
+from refjax.data.sources import AGNEWS_LABELS, SST2_LABELS, TASKS
 PEER_EVAL_LIMIT = 1000  # pred_eval.py: `if index < 1000`
 PEER_MAX_NEW_TOKENS = 200  # pred_eval.py: greedy, generate(max_new_tokens=200)
 GSM8K_ANSWER_PROMPT = "The final answer is: "  # the peers replace "####" with this
@@ -25,8 +24,6 @@ GSM8K_ANSWER_PROMPT = "The final answer is: "  # the peers replace "####" with t
 _SST2_WORDS = {"positive": ("positive", "Positive"), "negative": ("negative", "Negative")}
 _AGNEWS_WORDS = {"World": ("World", "world"), "Sports": ("Sports", "sports"),
                  "Business": ("Business", "business"), "Sci/Tech": ("Sci/Tech", "sci")}
-_SST2_IDS = ("negative", "positive")
-_AGNEWS_IDS = ("World", "Sports", "Business", "Sci/Tech")
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 
 
@@ -42,12 +39,12 @@ def _label_name(label: str | int, names: tuple[str, ...], task: str) -> str:
 
 def sst2_correct(response: str, label: str | int) -> bool:
   """Stripped response equals "positive"/"Positive" (or the negative pair) for the gold label."""
-  return response.strip() in _SST2_WORDS[_label_name(label, _SST2_IDS, "sst2")]
+  return response.strip() in _SST2_WORDS[_label_name(label, SST2_LABELS, "sst2")]
 
 
 def ag_news_correct(response: str, label: str | int) -> bool:
   """Stripped response equals the class name or its lower-case form ("sci" for Sci/Tech)."""
-  return response.strip() in _AGNEWS_WORDS[_label_name(label, _AGNEWS_IDS, "ag_news")]
+  return response.strip() in _AGNEWS_WORDS[_label_name(label, AGNEWS_LABELS, "ag_news")]
 
 
 def extract_answer_number(sentence: str) -> float:
@@ -74,8 +71,10 @@ def gsm8k_correct(response: str, gold: str) -> bool:
   return extract_answer_number(response) == truth
 
 
-_SCORERS: dict[str, Callable[[str, Any], bool]] = {
+SCORERS: dict[str, Callable[[str, Any], bool]] = {
   "sst2": sst2_correct, "ag_news": ag_news_correct, "gsm8k": gsm8k_correct}
+if set(SCORERS) != set(TASKS):
+  raise ImportError(f"task scorers {sorted(SCORERS)} do not match the task table {sorted(TASKS)}")
 
 
 def task_of(source: str) -> str:
@@ -84,20 +83,20 @@ def task_of(source: str) -> str:
     if source == task or source.startswith(task + "_"):
       return task
   raise ValueError(f"no task metric for source {source!r}; expected a name starting with one of "
-                   f"{TASKS}")
+                   f"{tuple(TASKS)}")
 
 
 def score_task(task: str, responses: Sequence[str], labels: Sequence[Any], *,
                ids: Sequence[str]) -> dict[str, Any]:
   """Accuracy (%) and per-example records [{id, label, response, correct}] for one task."""
-  if task not in _SCORERS:
-    raise ValueError(f"task={task!r}; expected one of {TASKS}")
+  if task not in SCORERS:
+    raise ValueError(f"task={task!r}; expected one of {tuple(TASKS)}")
   if not len(responses) == len(labels) == len(ids):
     raise ValueError(f"{len(responses)} responses, {len(labels)} labels, {len(ids)} ids; "
                      "expected equal lengths")
   if not responses:
     raise ValueError(f"no {task} responses to score; accuracy of an empty set is undefined")
-  scorer = _SCORERS[task]
+  scorer = SCORERS[task]
   records = []
   for i, response, label in zip(ids, responses, labels):
     if label is None:

@@ -7,48 +7,19 @@ The directory appears atomically: it is written under a temp name and renamed in
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from refjax.files import atomic_dir, write_json
 from refjax.models.config import ModelConfig
 from refjax.models.decoder import Decoder
 from refjax.models.lora import merge_lora
-from refjax.models.weights import hf_tensor_for
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-  """Yields an empty temp dir beside `target`; renames it to `target` only if the block succeeds.
-
-  On any error the temp dir is removed, so no half-written `target` is ever visible.
-  """
-  target = Path(target).expanduser().absolute()
-  if target.exists() and not overwrite:
-    raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-  os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final dir should read like any other
-  try:
-    yield tmp
-    old = None
-    if target.exists():  # move the old one aside first: rename cannot replace a non-empty dir
-      old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-      os.replace(target, old / "dir")
-    os.replace(tmp, target)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+from refjax.models.naming import hf_tensor_for
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -111,11 +82,11 @@ def export_hf_dir(model: Decoder, cfg: ModelConfig | None, tokenizer: Any,
       os.chmod(tmp / filename, 0o644)  # safetensors creates its file 0600
     if split.is_sharded:
       index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-      (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+      write_json(tmp / "model.safetensors.index.json", index, sort_keys=False)
+    write_json(tmp / "config.json", hf_cfg, sort_keys=False)
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
   return Path(out_dir)
 
 
-__all__ = ["export_hf_dir", "hf_state_dict", "atomic_dir"]
+__all__ = ["export_hf_dir", "hf_state_dict", "to_host"]

@@ -1,18 +1,16 @@
-"""Load HF checkpoints (local dir, hub id, or a GGUF file) into the stacked-layer Decoder.
+"""Load HF checkpoints (local dir, hub id, shipped name, or a GGUF file) into the Decoder.
 
 The model is built abstractly, then every parameter is created with
 `jax.make_array_from_callback`, which asks for one device shard at a time: each shard reads only
 its slice of the checkpoint (safetensors `get_slice`), so no full copy of the model is ever held
-per device. The HF-name <-> parameter-path table here is shared with `export.py`.
+per device. Names come from `refjax.models.naming`, locations from `refjax.models.hub`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -20,54 +18,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from refjax.models import gguf, hub
 from refjax.models.config import ModelConfig
 from refjax.models.decoder import Decoder, abstract_decoder
+from refjax.models.naming import HFTensor, Path_, hf_tensor_for
 
 log = logging.getLogger(__name__)
-
-# What a hub download fetches: config, weights and every tokenizer file transformers may use.
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
-                "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
-                "vocab.json", "merges.txt", "*.model", "chat_template.*", "added_tokens.json"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-Path_ = tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class HFTensor:
-  """Where one parameter lives in an HF checkpoint: name (with `{i}` per layer) and layout."""
-
-  name: str
-  stacked: bool  # one HF tensor per layer, stacked on our leading [L] axis
-  transpose: bool  # HF Linear weight [out, in] vs our kernel [in, out]
-
-  def names(self, num_layers: int) -> list[str]:
-    return [self.name.format(i=i) for i in range(num_layers)] if self.stacked else [self.name]
-
-  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one HF tensor given our parameter's shape."""
-    s = shape[1:] if self.stacked else shape
-    return tuple(reversed(s)) if self.transpose else tuple(s)
-
-
-def hf_tensor_for(path: Path_) -> HFTensor | None:
-  """The HF tensor behind a Decoder parameter path; None for LoRA adapters (not in checkpoints)."""
-  if path[-1] in ("lora_a", "lora_b"):
-    return None
-  if path == ("embed_tokens",):
-    return HFTensor("model.embed_tokens.weight", False, False)
-  if path == ("lm_head",):
-    return HFTensor("lm_head.weight", False, True)
-  if path == ("norm", "scale"):
-    return HFTensor("model.norm.weight", False, False)
-  if path[0] == "layers":
-    if len(path) == 3 and path[2] == "scale":  # input_layernorm / post_attention_layernorm
-      return HFTensor(f"model.layers.{{i}}.{path[1]}.weight", True, False)
-    if len(path) == 4 and path[3] in ("kernel", "bias"):
-      kind = "weight" if path[3] == "kernel" else "bias"
-      return HFTensor(f"model.layers.{{i}}.{path[1]}.{path[2]}.{kind}", True, path[3] == "kernel")
-  raise ValueError(f"parameter {'/'.join(path)} has no HF checkpoint name; update hf_tensor_for")
 
 
 class TensorSource(Protocol):
@@ -139,27 +95,10 @@ class ArraySource:
     return list(self.tensors)
 
 
-def resolve_hf_dir(path_or_hub_id: str | os.PathLike) -> Path:
-  """A local dir as is, a refjax registry name via `refjax.assets`, else a hub snapshot."""
-  p = Path(path_or_hub_id).expanduser()
-  if p.exists():
-    return p
-  name = str(path_or_hub_id)
-  from refjax import assets
-  if name in assets.REGISTRY:
-    return Path(assets.resolve_model(name))
-  if not _HUB_ID.match(name):
-    raise FileNotFoundError(f"{name!r} is neither an existing path, a registry name "
-                            f"({sorted(assets.REGISTRY)}) nor a hub id like 'org/model'")
-  from huggingface_hub import snapshot_download
-  return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
-
-
 def read_source(path: Path) -> tuple[dict[str, Any], TensorSource, str]:
   """(HF config dict, tensor source, config origin for errors) for a dir or a .gguf file."""
   if path.is_file() and path.suffix == ".gguf":
-    from refjax.models.gguf_import import load_gguf
-    cfg, tensors = load_gguf(path, progress=True)
+    cfg, tensors = gguf.load_gguf(path, progress=True)
     return cfg, ArraySource(tensors, str(path)), str(path)
   if not path.is_dir():
     raise FileNotFoundError(f"{path} is neither a model directory nor a .gguf file")
@@ -298,10 +237,10 @@ def load_hf_dir(path_or_hub_id: str | os.PathLike, *, param_dtype: str = "float3
                 dtype: str = "float32", shardings: Any = None, seed: int = 0,
                 **cfg_overrides) -> tuple[Decoder, ModelConfig]:
   """(Decoder, ModelConfig) from an HF dir (single or sharded safetensors), hub id, registry
-  name (`refjax.assets`) or .gguf file. `shardings`: None (first device) or an nnx.State like
+  name (`refjax.models.shipped`) or .gguf file. `shardings`: None (first device) or an nnx.State like
   `nnx.state(model)` with `jax.sharding.Sharding` leaves; `seed` initialises LoRA adapters.
   """
-  path = resolve_hf_dir(path_or_hub_id)
+  path = hub.resolve(path_or_hub_id)
   hf_cfg, source, origin = read_source(path)
   try:
     cfg = ModelConfig.from_hf(hf_cfg, param_dtype=param_dtype, dtype=dtype, **cfg_overrides)
@@ -310,5 +249,5 @@ def load_hf_dir(path_or_hub_id: str | os.PathLike, *, param_dtype: str = "float3
   return load_into(cfg, source, shardings=shardings, seed=seed), cfg
 
 
-__all__ = ["load_hf_dir", "load_into", "resolve_hf_dir", "read_source", "hf_tensor_for",
-           "HFTensor", "SafetensorsSource", "ArraySource", "check_source", "HUB_PATTERNS"]
+__all__ = ["load_hf_dir", "load_into", "read_source", "SafetensorsSource", "ArraySource",
+           "check_source", "TensorSource"]

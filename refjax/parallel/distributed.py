@@ -12,7 +12,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Sharding
 
@@ -23,25 +22,11 @@ ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
-def distributed_config() -> ml_collections.ConfigDict:
-  """Defaults for `cfg.distributed`. Empty fields fall back to the JAX_* environment variables."""
-  cfg = ml_collections.ConfigDict()
-  cfg.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS
-  cfg.num_processes = 0  # 0 = $JAX_NUM_PROCESSES
-  cfg.process_id = -1  # -1 = $JAX_PROCESS_ID
-  # With nothing configured: let jax detect a cluster (TPU pod, SLURM, Open MPI, ...). Off by
-  # default so a laptop or single VM never waits on cluster probes.
-  cfg.auto_detect = False
-  cfg.initialization_timeout = 300  # seconds to wait for every process to join
-  return cfg
-
-
-def initialize(cfg: ml_collections.ConfigDict | None = None) -> bool:
-  """Calls `jax.distributed.initialize` from `cfg` or the environment; True if multi-process.
-
-  Must run before any JAX computation. A no-op when already initialised or nothing is configured.
-  """
-  cfg = cfg if cfg is not None else distributed_config()
+def initialize(cfg: Mapping[str, Any] | None = None) -> bool:
+  """Calls `jax.distributed.initialize` from a `config.distributed` section or the environment;
+  True if multi-process. Must run before any JAX computation. A no-op when already initialised
+  or nothing is configured."""
+  cfg = cfg if cfg is not None else {}
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
   address = cfg.get("coordinator_address") or os.environ.get(ENV_COORDINATOR, "")

@@ -1,4 +1,5 @@
-"""The device mesh (`data`, `fsdp`, `tensor`) built from `cfg.mesh`; parallelism is a config edit."""
+"""The device mesh (`data`, `fsdp`, `tensor`) built from a `config.mesh` section; parallelism is a
+config edit."""
 
 from __future__ import annotations
 
@@ -6,26 +7,10 @@ import math
 from typing import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
-def mesh_config() -> ml_collections.ConfigDict:
-  """Defaults for `cfg.mesh`: the size of each mesh axis and overrides of the sharding rules."""
-  cfg = ml_collections.ConfigDict()
-  # Size of each mesh axis; exactly one may be -1 ("all remaining devices"). Their product must
-  # equal the number of devices. Default: every device on `fsdp` (ZeRO-3 style: parameters,
-  # optimizer state and the batch all split over every device), the MaxText default.
-  cfg.data = 1  # pure data parallelism: replicated parameters, split batch
-  cfg.fsdp = -1  # parameters/optimizer state split along `embed`, batch split too
-  cfg.tensor = 1  # Megatron-style split of heads / mlp / vocab
-  # Overrides of refjax.parallel.rules.DEFAULT_RULES: {logical axis name: mesh axis, a list of mesh
-  # axes, or None}. Empty = the default table.
-  cfg.rules = ml_collections.ConfigDict()
-  return cfg
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:

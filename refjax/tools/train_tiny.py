@@ -54,21 +54,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   import jax  # after argument parsing: XLA_FLAGS / JAX_* come from the caller's environment
+  import ml_collections
 
   from refjax import parallel
   from refjax.parallel import distributed
 
-  dcfg = distributed.distributed_config()
+  from refjax import config as config_lib
+  dcfg = config_lib.distributed_config()
   dcfg.coordinator_address = args.coordinator
   dcfg.num_processes = args.num_processes
   dcfg.process_id = args.process_id
   distributed.initialize(dcfg)
 
-  from refjax import optim, train_loop, train_state, train_step
+  from refjax.method.losses import causal_lm_loss
   from refjax.models import Decoder, ModelConfig
+  from refjax.training import data as data_lib
+  from refjax.training import loop, optim, state as train_state, step as train_step
 
-  cfg = train_loop.default_train_config()
-  cfg.distributed = dcfg
+  cfg = ml_collections.ConfigDict(dict(
+      optim=config_lib.optim_config(), mesh=config_lib.mesh_config(),
+      train=config_lib.train_config(), distributed=dcfg))
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = (int(x) for x in args.mesh.split(","))
   cfg.optim.lr = 1e-3
   cfg.optim.warmup_steps = 2
@@ -99,37 +104,38 @@ def main(argv=None) -> int:
              for k, v in arrays.items()}
   batch_shardings = parallel.batch_shardings(example, mesh, rules)
   rows = parallel.process_batch_rows(batch_shardings["tokens"], args.batch_size)
-  data = train_loop.ArrayIterator(arrays, args.batch_size, seed=cfg.train.seed, rows=rows)
+  data = data_lib.ArrayIterator(arrays, args.batch_size, seed=cfg.train.seed, rows=rows)
 
-  def loss_fn(model, batch, rng, poison):
-    loss, aux = train_step.causal_lm_loss(model, batch, rng)
-    return loss + poison, aux
+  def loss_fn(model, batch, rng, extras):
+    loss, aux = causal_lm_loss(model, batch, rng, extras)
+    return loss + extras["poison"], aux
 
   rep = parallel.replicated(mesh)
   step_fn = train_step.make_train_step(
       loss_fn, graphdef, tx, state_shardings=shardings, batch_shardings=batch_shardings,
-      extra_shardings=(rep,), grad_accum=cfg.optim.grad_accum, schedule=schedule)
+      extra_shardings={"poison": rep}, grad_accum=cfg.optim.grad_accum, schedule=schedule)
   hooks = []
   if args.sleep > 0:
-    hooks.append(train_loop.StepHook(1, lambda s, st, ex: time.sleep(args.sleep), "sleep"))
+    hooks.append(loop.StepHook(1, lambda s, st, ex: time.sleep(args.sleep), "sleep"))
   if args.nan_at_step >= 0:
     def poison(s, st, ex):
       if s + 1 == args.nan_at_step:  # the update that will be logged as step nan_at_step
-        return train_loop.HookResult(extras={"poison": jax.device_put(np.float32(np.nan), rep)})
+        return loop.HookResult(extras={"poison": jax.device_put(np.float32(np.nan), rep)})
       return None
-    hooks.append(train_loop.StepHook(1, poison, "poison"))
+    hooks.append(loop.StepHook(1, poison, "poison"))
 
   eval_fn = None
   if args.eval_every:
     eval_step = train_step.make_eval_step(loss_fn, graphdef, state_shardings=shardings,
-                                          batch_shardings=batch_shardings, extra_shardings=(rep,))
+                                          batch_shardings=batch_shardings,
+                                          extra_shardings={"poison": rep})
     eval_local = {k: v[-args.batch_size:][rows] for k, v in arrays.items()}
     eval_batch = parallel.host_to_global(eval_local, batch_shardings, args.batch_size)
-    eval_fn = lambda state, extras: eval_step(state, eval_batch, *extras.values())  # noqa: E731
+    eval_fn = lambda state, extras: eval_step(state, eval_batch, extras)  # noqa: E731
 
   init = lambda: train_state.create_train_state(model_fn, tx, mesh, rules, wrt=wrt,  # noqa: E731
                                                 seed=cfg.train.seed)[1]
-  result = train_loop.train(
+  result = loop.train(
       cfg, args.workdir, init_state=init, state_shardings=shardings, train_step=step_fn,
       data=data, batch_shardings=batch_shardings,
       extras={"poison": jax.device_put(np.float32(0.0), rep)}, checkpoint_extras=("poison",),

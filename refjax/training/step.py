@@ -1,4 +1,4 @@
-"""One pure, jitted train step `(state, batch, *extras) -> (state, metrics)` for every stage.
+"""One pure, jitted train step `(state, batch, extras) -> (state, metrics)` for every stage.
 
 Batch (global arrays, dict):
   tokens          [B,T] int32
@@ -9,8 +9,9 @@ Batch (global arrays, dict):
                   logits[:, t] are scored against tokens[:, t+1] with weight loss_mask[:, t+1].
   weights         [B] per-example weight; filtering an example = weight 0 (shapes never change).
 
-`extras` are frozen inputs of the step (a teacher's state, a refusal feature): sharded,
-never donated, no optimizer state, and wrapped in `stop_gradient`.
+`extras` is a dict of named frozen inputs (a teacher's state, a refusal feature) with a
+shardings dict of the same keys: sharded, never donated, no optimizer state, and wrapped in
+`stop_gradient`. The loss function reads them by name.
 
 Gradient accumulation is an in-step `lax.scan` over `grad_accum` microbatches, not
 `optax.MultiSteps`: (1) it is exact for token-weighted means (each microbatch's gradient is
@@ -22,7 +23,7 @@ block-every-step rule all count optimizer updates.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from refjax.train_state import TrainState
+from refjax.training.state import TrainState
 
 Batch = Mapping[str, jax.Array]
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-"""loss_fn(model, batch, rng, *extras) -> (scalar loss, aux metrics).
+Extras = Mapping[str, Any]
+LossFn = Callable[[nnx.Module, Batch, jax.Array, Extras], tuple[jax.Array, dict[str, jax.Array]]]
+"""loss_fn(model, batch, rng, extras) -> (scalar loss, aux metrics).
 
 aux["loss_weight"] (optional, scalar): the normaliser of this (micro)batch's mean loss (e.g. the
 weighted target-token count); microbatches are combined weighted by it. Absent = equal weights.
@@ -42,39 +44,7 @@ weighted target-token count); microbatches are combined weighted by it. Absent =
 
 BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "weights")
 SUMMED_AUX = ("loss_weight", "num_targets")  # aux entries summed (not averaged) over microbatches
-_TINY = 1e-9
-
-
-def token_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
-                        weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum of weighted next-token NLL, sum of weights), fp32.
-
-  logits [B,T,V] at t predict tokens[:, t+1]; a target counts with weight
-  loss_mask[:, t+1] * weights[b]. The last position predicts nothing.
-  """
-  logits = logits.astype(jnp.float32)
-  b, t = tokens.shape
-  # Shift targets and mask instead of slicing logits: no copy of the [B,T,V] array.
-  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
-  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
-  w = mask.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  nll = lse - target_logit
-  return jnp.sum(nll * w), jnp.sum(w)
-
-
-def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array, *extras: Any
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Token-weighted mean cross-entropy over the targets `loss_mask` marks, per-example weighted."""
-  del rng, extras
-  out = model(batch["tokens"], batch["attention_mask"])
-  total, weight = token_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
-                                      batch["weights"])
-  loss = total / jnp.maximum(weight, _TINY)
-  targets = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)
-                    * (batch["weights"] > 0).astype(jnp.float32)[:, None])
-  return loss, {"loss_weight": weight, "num_targets": targets}
+_TINY = 1e-9  # floor on the summed microbatch weights
 
 
 def check_batch(batch: Mapping[str, Any]) -> None:
@@ -112,12 +82,12 @@ def _constrain(mb: Batch, shardings: Mapping[str, Any] | None) -> Batch:
 
 
 def loss_and_grads(loss_fn: LossFn, graphdef: nnx.GraphDef, state: TrainState, batch: Batch,
-                   rng: jax.Array, extras: Sequence[Any], grad_accum: int = 1,
+                   rng: jax.Array, extras: Extras, grad_accum: int = 1,
                    batch_shardings: Mapping[str, Any] | None = None):
   """(loss, aux, grads) of the trained params, accumulated exactly over `grad_accum` microbatches."""
   def f(params, mb, key):
     model = nnx.merge(graphdef, params, state.frozen)
-    loss, aux = loss_fn(model, mb, key, *extras)
+    loss, aux = loss_fn(model, mb, key, extras)
     return loss.astype(jnp.float32), aux
 
   grad_fn = jax.value_and_grad(f, has_aux=True)
@@ -150,14 +120,14 @@ def _mesh_of(shardings: Any):
     if isinstance(s, NamedSharding):
       return s.mesh
   raise ValueError("state_shardings holds no NamedSharding; build it with "
-                   "refjax.train_state.state_shardings")
+                   "refjax.training.state.state_shardings")
 
 
 def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
                     state_shardings: TrainState, batch_shardings: Mapping[str, Any],
-                    extra_shardings: Sequence[Any] = (), grad_accum: int = 1,
+                    extra_shardings: Mapping[str, Any] | None = None, grad_accum: int = 1,
                     schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
-  """The jitted `(state, batch, *extras) -> (state, metrics)`; state donated, extras not.
+  """The jitted `(state, batch, extras) -> (state, metrics)`; state donated, extras not.
 
   metrics: loss, grad_norm, param_norm, lr (with `schedule`), and loss_fn's aux (all replicated
   fp32 scalars).
@@ -167,7 +137,7 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
   grad_accum = int(grad_accum)
   mesh = _mesh_of(state_shardings)
 
-  def step(state: TrainState, batch: Batch, *extras: Any):
+  def step(state: TrainState, batch: Batch, extras: Extras):
     check_batch(batch)
     extras = jax.lax.stop_gradient(extras)
     rng = jax.random.fold_in(state.rng, state.step)
@@ -185,23 +155,24 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
 
   rep = NamedSharding(mesh, PartitionSpec())
   return jax.jit(step,
-                 in_shardings=(state_shardings, dict(batch_shardings), *extra_shardings),
+                 in_shardings=(state_shardings, dict(batch_shardings), dict(extra_shardings or {})),
                  out_shardings=(state_shardings, rep),
                  donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(loss_fn: LossFn, graphdef: nnx.GraphDef, *, state_shardings: TrainState,
-                   batch_shardings: Mapping[str, Any], extra_shardings: Sequence[Any] = ()
-                   ) -> Callable:
-  """The jitted `(state, batch, *extras) -> metrics` (loss and aux, no update, nothing donated)."""
+                   batch_shardings: Mapping[str, Any],
+                   extra_shardings: Mapping[str, Any] | None = None) -> Callable:
+  """The jitted `(state, batch, extras) -> metrics` (loss and aux, no update, nothing donated)."""
   mesh = _mesh_of(state_shardings)
 
-  def evaluate(state: TrainState, batch: Batch, *extras: Any):
+  def evaluate(state: TrainState, batch: Batch, extras: Extras):
     model = nnx.merge(graphdef, state.params, state.frozen)
-    loss, aux = loss_fn(model, batch, jax.random.fold_in(state.rng, state.step), *extras)
+    loss, aux = loss_fn(model, batch, jax.random.fold_in(state.rng, state.step), extras)
     return {"loss": loss.astype(jnp.float32),
             **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}}
 
   rep = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(evaluate, in_shardings=(state_shardings, dict(batch_shardings), *extra_shardings),
+  return jax.jit(evaluate, in_shardings=(state_shardings, dict(batch_shardings),
+                                         dict(extra_shardings or {})),
                  out_shardings=rep)

@@ -28,10 +28,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from refjax.optim import optim_config
-from refjax.parallel.distributed import distributed_config, host_to_global
-from refjax.parallel.mesh import mesh_config
-from refjax.train_state import TrainState
+from refjax.files import jsonable, read_jsonl, write_json, write_jsonl
+from refjax.parallel.distributed import host_to_global
+from refjax.training.data import DataIterator
+from refjax.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -39,107 +39,6 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
-
-
-def train_config() -> ml_collections.ConfigDict:
-  """Defaults for `cfg.train`."""
-  cfg = ml_collections.ConfigDict()
-  cfg.steps = 1000  # optimizer updates in the whole run (the schedule's length)
-  cfg.batch_size = 8  # global batch: examples per optimizer update, over all processes
-  cfg.seed = 0  # parameter init, data order and the step RNG all derive from it
-  cfg.log_every = 10  # steps between metric records (JSONL, TensorBoard, progress bar)
-  cfg.eval_every = 0  # steps between eval_fn calls (also run after the last step); 0 = never
-  cfg.checkpoint_every = 100  # steps between checkpoints (the last step is always saved); 0 = last only
-  cfg.max_to_keep = 3  # newest checkpoints kept on disk
-  cfg.async_checkpoint = True  # write checkpoints in the background while training continues
-  cfg.progress_bar = True  # tqdm bar with loss and tokens/s on process 0
-  return cfg
-
-
-def default_train_config() -> ml_collections.ConfigDict:
-  """A ConfigDict with the sub-configs training reads: optim, mesh, train, distributed."""
-  cfg = ml_collections.ConfigDict()
-  cfg.optim = optim_config()
-  cfg.mesh = mesh_config()
-  cfg.train = train_config()
-  cfg.distributed = distributed_config()
-  return cfg
-
-
-def validate_train_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises naming the first bad `train.*` value."""
-  for key, low in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 0),
-                   ("checkpoint_every", 0), ("max_to_keep", 1)):
-    if int(cfg[key]) < low:
-      raise ValueError(f"train.{key}={cfg[key]!r}; expected an integer >= {low}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-
-
-class DataIterator(Protocol):
-  """Host-local batches, resumable by position: the batch at a position depends only on the
-  seed and the position, and `get_state`/`set_state` carry the position through checkpoints."""
-
-  def __next__(self) -> dict[str, np.ndarray]: ...
-
-  def get_state(self) -> dict[str, Any]: ...
-
-  def set_state(self, state: Mapping[str, Any]) -> None: ...
-
-
-class ArrayIterator:
-  """Shuffled fixed-size batches from in-memory arrays [N, ...], epoch after epoch.
-
-  Batch p holds examples perm_e[(p mod n) * B : (p mod n + 1) * B] with e = p // n, n = N // B
-  (the remainder of each epoch is skipped) and perm_e a permutation seeded by (seed, e). This
-  process keeps only `rows` of each global batch (its devices' share, see
-  `refjax.parallel.process_batch_rows`).
-  """
-
-  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, *, seed: int = 0,
-               rows: slice | None = None, shuffle: bool = True):
-    sizes = {k: len(v) for k, v in arrays.items()}
-    if len(set(sizes.values())) != 1:
-      raise ValueError(f"arrays have different lengths {sizes}; expected one example count")
-    self.num_examples = next(iter(sizes.values()))
-    if not 1 <= batch_size <= self.num_examples:
-      raise ValueError(f"batch_size={batch_size}; expected 1..{self.num_examples} (examples)")
-    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-    self.rows = rows if rows is not None else slice(0, batch_size)
-    self.position = 0
-    self._epoch, self._perm = -1, None
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-                    if self.shuffle else np.arange(self.num_examples))
-    return self._perm
-
-  def batch_indices(self, position: int) -> np.ndarray:
-    """Example indices of the global batch at `position`."""
-    per_epoch = self.num_examples // self.batch_size
-    start = (position % per_epoch) * self.batch_size
-    return self._permutation(position // per_epoch)[start:start + self.batch_size]
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    idx = self.batch_indices(self.position)[self.rows]
-    self.position += 1
-    return {k: v[idx] for k, v in self.arrays.items()}
-
-  def get_state(self) -> dict[str, Any]:
-    return {"position": self.position, "seed": self.seed}
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    if state.get("seed", self.seed) != self.seed:
-      raise ValueError(f"data state has seed {state['seed']}; this iterator's seed is {self.seed}")
-    self.position = int(state["position"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,18 +103,18 @@ class MetricWriter:
       self._tb = _summary_writer_cls()(str(workdir / TENSORBOARD_DIR))
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past `step` (written after the checkpoint a resumed run restarts from)."""
+    """Drops records past `step` (written after the checkpoint a resumed run restarts from), so
+    a resumed run's log holds every step once."""
     if not self.enabled or not self.path.exists():
       return
-    keep = [line for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    self.path.write_text("".join(line + "\n" for line in keep))
+    rows = read_jsonl(self.path, torn_tail_ok=True)
+    write_jsonl(self.path, [r for r in rows if r.get("step", 0) <= step])
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-    with self.path.open("a") as f:
+    record = {"step": step, **{k: _metric_value(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:  # append-only log; a torn last line is dropped on resume
       f.write(json.dumps(record) + "\n")
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
@@ -242,16 +141,11 @@ def _summary_writer_cls():
   return SummaryWriter
 
 
-def _jsonable(v: Any) -> Any:
+def _metric_value(v: Any) -> Any:
+  """A metric as JSON: a non-finite float is kept visible as the string "nan"/"inf"."""
   if isinstance(v, float) and not math.isfinite(v):
     return str(v)
   return v
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-  if isinstance(config, ml_collections.ConfigDict):
-    return json.loads(config.to_json_best_effort())
-  return json.loads(json.dumps(config, default=str)) if config is not None else {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,19 +201,18 @@ def train(
     eval_fn: Callable[[TrainState, Mapping[str, Any]], Mapping[str, float]] | None = None,
     hooks: Sequence[StepHook] = (),
 ) -> TrainResult:
-  """Runs `config.train.steps` updates of `train_step(state, batch, *extras.values())`.
+  """Runs `config.train.steps` updates of `train_step(state, batch, extras)`.
 
   init_state: the initial state or a function making it (only called when no checkpoint exists,
     so a resumed run never allocates a throwaway state). state_shardings: its shardings.
   data: host-local batches, resumable (see DataIterator); each is made global with
     `batch_shardings` (global batch = config.train.batch_size).
-  extras: named extra step inputs, in the step's argument order. Those in `checkpoint_extras`
+  extras: the step's named frozen inputs (a dict). Those in `checkpoint_extras`
     (e.g. a refusal feature a hook recomputes) are saved and restored with the state.
   eval_fn(state, extras) -> metrics, every train.eval_every steps, logged as "eval/<name>".
   hooks: StepHooks that may replace extras and log metrics.
   """
   tc = config.train
-  validate_train_config(tc)
   workdir = Path(workdir)
   primary = jax.process_index() == 0
   if primary:
@@ -328,9 +221,9 @@ def train(
   unknown = [k for k in checkpoint_extras if k not in extras]
   if unknown:
     raise KeyError(f"checkpoint_extras {unknown} are not in extras {sorted(extras)}")
-  config_dict = _config_dict(config)
+  config_dict = jsonable(config)
   if primary:
-    (workdir / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    write_json(workdir / CONFIG_FILE, config_dict)
 
   manager = ocp.CheckpointManager(
       (workdir / CHECKPOINT_DIR).absolute(),
@@ -392,7 +285,7 @@ def train(
               hook_metrics.update({f"{hook.name}/{k}": float(v) for k, v in out.metrics.items()})
         local = next(data)
         batch = host_to_global(local, batch_shardings, int(tc.batch_size))
-        state, step_metrics = train_step(state, batch, *extras.values())
+        state, step_metrics = train_step(state, batch, extras)
         # Block on every step: fake CPU devices deadlock on back-to-back collectives
         # (shared/ENV.md), and the NaN check below needs the loss anyway.
         jax.block_until_ready((state, step_metrics))

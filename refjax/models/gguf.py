@@ -7,7 +7,6 @@ we undo that here, as transformers does when it loads a GGUF, so RoPE matches th
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,9 +17,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from refjax.files import write_json
 from refjax.models.config import ModelConfig
 from refjax.models.decoder import abstract_decoder
-from refjax.models.weights import hf_tensor_for
+from refjax.models.gguf_tokenizer import tokenizer_from_gguf
+from refjax.models.naming import hf_tensor_for
 
 # GGUF `general.architecture` -> transformers `model_type` (the ones our Decoder implements).
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
@@ -201,7 +202,6 @@ def load_gguf(path: str | os.PathLike, *, progress: bool = False
 
 def load_gguf_tokenizer(path: str | os.PathLike):
   """The tokenizer (with chat template) the GGUF metadata describes, rebuilt without torch."""
-  from refjax.models.gguf_tokenizer import tokenizer_from_gguf
   return tokenizer_from_gguf(path)
 
 
@@ -221,7 +221,7 @@ def gguf_to_hf_dir(path: str | os.PathLike, out_dir: str | os.PathLike, *,
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   os.chmod(out / "model.safetensors", 0o644)  # safetensors creates its file 0600
   del tensors
-  (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+  write_json(out / "config.json", cfg, sort_keys=False)
   if tokenizer:
     say("rebuilding the tokenizer from the GGUF metadata")
     tok = load_gguf_tokenizer(path)

@@ -1,7 +1,7 @@
-"""Small real components for tests and smoke runs: a byte-level tokenizer and a tiny Decoder.
+"""The random test model: a byte-level tokenizer and a tiny Decoder (`model.name = "tiny"`).
 
 They are real (a working BPE tokenizer with a ChatML template, a randomly initialised model), just
-small, so the whole pipeline runs in seconds on a CPU without any download.
+small, so the whole pipeline runs in seconds on a CPU without any download (configs/tiny.py).
 """
 
 from __future__ import annotations
@@ -46,3 +46,6 @@ def tiny_config(**kw) -> ModelConfig:
 
 def tiny_model(seed: int = 0, **kw) -> Decoder:
   return Decoder(tiny_config(**kw), rngs=nnx.Rngs(seed))
+
+
+__all__ = ["byte_tokenizer", "tiny_config", "tiny_model", "CHATML", "SPECIALS"]

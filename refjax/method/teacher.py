@@ -1,9 +1,9 @@
 """Ref-Teacher preparation: alignment cross-entropy plus a cosine regulariser toward R_l.
 
 loss = CE(alignment responses) + reg_weight * reg(cos(f_l(x), R_l), y), y = +1 harmful / -1
-harmless. R_l is a frozen input of the step; a hook recomputes it from a fixed probe set with the
-current parameters every `refusal_update_every` steps (the paper's dynamic update) and logs the
-probe cosines and the validation AUROC.
+harmless. R_l is a frozen step input (`extras["refusal_feature"]`); a hook recomputes it from a
+fixed probe set with the current parameters every `refusal_update_every` steps (the paper's
+dynamic update) and logs the probe cosines and the validation AUROC.
 """
 
 from __future__ import annotations
@@ -15,39 +15,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from refjax.losses import cosine_regulariser
-from refjax.refusal import auroc, compute_refusal_feature, cosine_scores, score_batches
-from refjax.train_loop import HookResult, StepHook
-from refjax.train_step import token_cross_entropy
+from refjax.method.features import compute_refusal_feature, score_batches
+from refjax.method.losses import cosine_regulariser, mean_cross_entropy, safe_mean
+from refjax.method.refusal import auroc, cosine_scores
+from refjax.training.loop import HookResult, StepHook
 
-_TINY = 1e-9
+FEATURE = "refusal_feature"  # the step input the loss reads and the hook replaces
 
 
 def teacher_loss_fn(layer: int, reg_weight: float, reg_form: str = "one_minus_cos",
                     margin: float = 0.5):
-  """loss_fn(model, batch, rng, refusal_feature [D]) for the shared train step.
+  """loss_fn(model, batch, rng, extras) for the shared train step; extras[FEATURE] is R_l [D].
 
   Batch: tokens, attention_mask, loss_mask, weights, last_prompt_index [B], labels_sign [B]
   (+1 harmful, -1 harmless, 0 = no regulariser for this row). The features come from the same
   forward pass as the logits (hidden state after block `layer` at the last prompt token).
   """
 
-  def loss_fn(model, batch, rng, feature):
+  def loss_fn(model, batch, rng, extras):
     del rng
+    feature = extras[FEATURE]
     out = model(batch["tokens"], batch["attention_mask"],
                 hidden_positions=batch["last_prompt_index"])
-    total, weight = token_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
-                                        batch["weights"])
-    ce = total / jnp.maximum(weight, _TINY)
+    ce, _ = mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"], batch["weights"])
     feats = out.hidden[layer].astype(jnp.float32)
     sign = batch["labels_sign"]
     w = batch["weights"].astype(jnp.float32) * (sign != 0)
     reg = cosine_regulariser(feats, feature, sign, w, form=reg_form, margin=margin)
     cos = cosine_scores(feats, jax.lax.stop_gradient(feature))
-    harm, safe = w * (sign > 0), w * (sign < 0)
-    aux = {"ce": ce, "reg": reg,
-           "cos_harmful": jnp.sum(cos * harm) / jnp.maximum(jnp.sum(harm), _TINY),
-           "cos_harmless": jnp.sum(cos * safe) / jnp.maximum(jnp.sum(safe), _TINY)}
+    aux = {"ce": ce, "reg": reg, "cos_harmful": safe_mean(cos, w * (sign > 0)),
+           "cos_harmless": safe_mean(cos, w * (sign < 0))}
     return ce + reg_weight * reg, aux
 
   return loss_fn
@@ -64,7 +61,7 @@ def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Seque
 
   def fn(step: int, state, extras) -> HookResult:
     model = nnx.merge(graphdef, state.params, state.frozen)
-    feature, sums = compute_refusal_feature(model, probe_batches, layers=(layer,), progress=False)
+    feature, _ = compute_refusal_feature(model, probe_batches, layers=(layer,), progress=False)
     probe_scores = score_batches(model, probe_batches, feature, layers=(layer,), progress=False)[0]
     probe_labels = np.concatenate([b["harmful"][b["valid"].astype(bool)] for b in probe_batches])
     order = np.concatenate([b["index"][b["valid"].astype(bool)] for b in probe_batches])
@@ -79,7 +76,7 @@ def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Seque
     }
     if history is not None:
       history.append(rec)
-    return HookResult(extras={"refusal_feature": feature[0]},
+    return HookResult(extras={FEATURE: feature[0]},
                       metrics={k: v for k, v in rec.items() if k != "step"})
 
   return StepHook(every=every, fn=fn, name="refusal")
@@ -88,3 +85,6 @@ def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Seque
 def feature_placeholder(model: Any) -> jax.Array:
   """Zeros [D]: the step input's shape before the first (step-0) refusal update fills it."""
   return jnp.zeros((model.cfg.hidden_size,), jnp.float32)
+
+
+__all__ = ["teacher_loss_fn", "refusal_update_hook", "feature_placeholder", "FEATURE"]

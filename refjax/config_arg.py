@@ -1,8 +1,9 @@
 """The `arg` mini-language of config files: `--config=configs/llama.py:task=gsm8k,size=13b`.
 
-`get_config(arg)` receives the text after the colon; `parse_arg` turns it into a dict. A bare word
-(`quick`) means `quick=True`. With `defaults`, unknown keys are an error naming the allowed ones,
-and each value is converted to its default's type; with `choices`, a value outside them is an error.
+`get_config(arg)` receives the text after the colon and calls `parse_arg` (big_vision's pattern).
+A bare word (`quick`) means `quick=True`. With `defaults`, unknown keys are an error naming the
+allowed ones and each value is converted to its default's type; with `choices`, a value outside
+them is an error.
 """
 
 from __future__ import annotations

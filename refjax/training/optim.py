@@ -1,9 +1,10 @@
-"""The optimizer from `cfg.optim`: AdamW, global-norm clipping, warmup + schedule, decay mask.
+"""The optimizer from an `optim` config section: AdamW, global-norm clipping, warmup + schedule,
+decay mask.
 
 Gradient accumulation (`cfg.optim.grad_accum`) is not an optax wrapper: the train step scans over
-microbatches inside one jitted call (see `refjax.train_step`), so the optimizer here only ever
+microbatches inside one jitted call (see `refjax.training.step`), so the optimizer here only ever
 sees whole-batch gradients and its step count is the number of optimizer updates.
-With LoRA the optimizer is built over the adapters only (`refjax.train_state` splits them off), so
+With LoRA the optimizer is built over the adapters only (`refjax.training.state` splits them off), so
 the base weights are never an optimizer input and stay bit-identical.
 """
 
@@ -20,44 +21,11 @@ from flax import nnx
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def optim_config() -> ml_collections.ConfigDict:
-  """Defaults for `cfg.optim` (those of transformers' Trainer unless noted)."""
-  cfg = ml_collections.ConfigDict()
-  cfg.lr = 5e-5  # peak learning rate (Trainer default)
-  cfg.schedule = "linear"  # after warmup: "constant", "cosine" or "linear" decay to end_lr_ratio
-  cfg.warmup_steps = 0  # linear warmup from 0 to lr over this many optimizer steps
-  cfg.end_lr_ratio = 0.0  # final lr / peak lr at the last step, for cosine and linear
-  cfg.b1 = 0.9  # Adam beta1
-  cfg.b2 = 0.999  # Adam beta2
-  cfg.eps = 1e-8  # Adam epsilon
-  cfg.weight_decay = 0.0  # decoupled (AdamW, multiplied by the lr as in PyTorch); 0 = off
-  # Regexes searched in each parameter's path ("layers/self_attn/q_proj/bias"): a match gets no
-  # weight decay. Default: norms, biases and the token embedding (the usual GPT/Llama practice).
-  cfg.no_decay = ("norm", "bias", "embed_tokens")
-  cfg.clip_norm = 1.0  # clip the global gradient norm to this; 0 = no clipping (Trainer default 1)
-  cfg.grad_accum = 1  # microbatches per optimizer step (the global batch must divide by it)
-  return cfg
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Raises naming the first bad `optim.*` value."""
-  if cfg.schedule not in SCHEDULES:
-    raise ValueError(f"optim.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
-  checks = [("lr", cfg.lr >= 0, ">= 0"), ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
-            ("end_lr_ratio", 0 <= cfg.end_lr_ratio <= 1, "in [0, 1]"),
-            ("b1", 0 <= cfg.b1 < 1, "in [0, 1)"), ("b2", 0 <= cfg.b2 < 1, "in [0, 1)"),
-            ("eps", cfg.eps > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
-            ("clip_norm", cfg.clip_norm >= 0, ">= 0"),
-            ("grad_accum", int(cfg.grad_accum) >= 1, ">= 1")]
-  for key, ok, expected in checks:
-    if not ok:
-      raise ValueError(f"optim.{key}={cfg[key]!r}; expected {expected}")
-
-
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """lr(step): linear warmup 0 -> lr over warmup_steps, then constant, cosine or linear to
-  lr * end_lr_ratio at `total_steps`."""
-  validate(cfg)
+  lr * end_lr_ratio at `total_steps` (cfg: an `optim` section, validated by refjax.config)."""
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule={cfg.schedule!r}; expected one of {SCHEDULES}")
   lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
   decay = max(int(total_steps) - warmup, 1)
   end = lr * float(cfg.end_lr_ratio)
@@ -91,7 +59,6 @@ def decay_mask(params: Any, no_decay: Sequence[str] = ("norm", "bias", "embed_to
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(clip -> AdamW with the decay mask and schedule), and the schedule for logging."""
-  validate(cfg)
   schedule = make_schedule(cfg, total_steps)
   no_decay = tuple(cfg.no_decay)
   mask: Callable[[Any], Any] | None = None

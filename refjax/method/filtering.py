@@ -1,31 +1,29 @@
-"""Filtering user data with the frozen teacher: cosine scores, threshold calibration, audit report.
+"""Filtering user data with the frozen teacher: cosine scores, threshold calibration, keep mask
+and the decision metrics.
 
 A prompt whose score `cos(f_l(x), R_l)` is >= the threshold is dropped as harmful. Drops become a
-keep mask / zero weights of the same length as the data (static shapes), and every decision is
-written to `filter_report.jsonl`; no prompt text is ever written.
+keep mask / zero weights of the same length as the data (static shapes); the filter stage writes
+every decision to its report.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from refjax.data.batches import DEFAULT_BUCKETS, prompt_batches
+from refjax.data.mixture import BENIGN, HARMFUL
 from refjax.data.prompts import PromptFormat
-from refjax.refusal import DEFAULT_BUCKETS, auroc, prompt_batches, score_batches
+from refjax.method.features import score_batches
+from refjax.method.refusal import auroc
 
-REPORT_FILE = "filter_report.jsonl"
-SUMMARY_FILE = "filter_summary.json"
 DEFAULT_TARGET_RECALL = 0.95  # the paper tunes for harmful recall; our default target
-HARMFUL_PROVENANCE = "harmful"  # mixture tag of poisoned rows (refjax.data.mixture)
-BENIGN_PROVENANCE = "benign"
 
 
 def score_prompts(model: nnx.Module, examples: Sequence[Any], prompt_format: PromptFormat,
@@ -119,51 +117,6 @@ def apply_filter(examples: Sequence[Any], scores: np.ndarray | Sequence[float],
   return keep
 
 
-def write_filter_report(workdir: str | Path, examples: Sequence[Any], scores: np.ndarray,
-                        keep: np.ndarray, threshold: float, *, threshold_rule: str = "fixed",
-                        calibration: Calibration | None = None, layer: int | None = None,
-                        extra: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
-  """Writes filter_report.jsonl (id, score, decision, provenance; one line per example, no text)
-  and filter_summary.json (counts; precision/recall/AUROC against provenance where present)."""
-  n = len(examples)
-  scores = np.asarray(scores, np.float64)
-  keep = np.asarray(keep).astype(bool)
-  if scores.shape != (n,) or keep.shape != (n,):
-    raise ValueError(f"scores {scores.shape} and keep {keep.shape}; expected ({n},) each")
-  ids = [str(ex.id) for ex in examples]
-  if len(set(ids)) != n:
-    raise ValueError(f"example ids are not unique ({n - len(set(ids))} repeats); the report is "
-                     "keyed by id")
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  report, summary_path = workdir / REPORT_FILE, workdir / SUMMARY_FILE
-  provenance = [getattr(ex, "provenance", "") or "" for ex in examples]
-  with open(report, "w", encoding="utf-8") as f:
-    for i, ex in enumerate(examples):
-      row = {"id": ids[i], "score": float(scores[i]), "kept": bool(keep[i]),
-             "decision": "kept" if keep[i] else "dropped"}
-      if provenance[i]:
-        row["provenance"] = provenance[i]
-      if getattr(ex, "source", ""):
-        row["source"] = ex.source
-      f.write(json.dumps(row) + "\n")
-  summary: dict[str, Any] = {
-      "n_examples": n,
-      "n_kept": int(keep.sum()),
-      "n_dropped": int((~keep).sum()),
-      "threshold": float(threshold),
-      "threshold_rule": threshold_rule,
-      "calibration": calibration.as_dict() if calibration else None,
-      "layer": layer,
-      "score_mean": float(scores.mean()) if n else None,
-  }
-  summary.update(provenance_metrics(scores, keep, provenance))
-  if extra:
-    summary.update(extra)
-  summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-  return report, summary_path
-
-
 def provenance_metrics(scores: np.ndarray, keep: np.ndarray,
                        provenance: Sequence[str]) -> dict[str, Any]:
   """Counts per provenance tag; with harmful/benign tags on every row, the drop decision's
@@ -174,9 +127,9 @@ def provenance_metrics(scores: np.ndarray, keep: np.ndarray,
       t or "untagged": {"n": int(sum(p == t for p in provenance)),
                         "dropped": int(sum((p == t) and not k for p, k in zip(provenance, keep)))}
       for t in tags}}
-  if not set(tags) <= {HARMFUL_PROVENANCE, BENIGN_PROVENANCE}:
+  if not set(tags) <= {HARMFUL, BENIGN}:
     return out
-  harmful = np.array([p == HARMFUL_PROVENANCE for p in provenance])
+  harmful = np.array([p == HARMFUL for p in provenance])
   dropped = ~keep
   tp = int((dropped & harmful).sum())
   out["precision"] = tp / int(dropped.sum()) if dropped.any() else None
@@ -187,5 +140,4 @@ def provenance_metrics(scores: np.ndarray, keep: np.ndarray,
 
 
 __all__ = ["score_prompts", "Calibration", "calibrate_threshold", "keep_weights", "apply_filter",
-           "write_filter_report", "provenance_metrics", "REPORT_FILE", "SUMMARY_FILE",
-           "DEFAULT_TARGET_RECALL"]
+           "provenance_metrics", "DEFAULT_TARGET_RECALL"]

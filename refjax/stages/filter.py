@@ -1,0 +1,82 @@
+"""Stage `filter`: the frozen teacher scores every user prompt; prompts at or above the threshold
+(fixed, or calibrated to a harmful recall on held-out labelled prompts) are dropped.
+
+Reads teacher/model and refusal/; writes filter/filter_report.jsonl (every example: id, score,
+decision, provenance; never its text) and filter/filter_summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from refjax.data.batches import harmful_labels
+from refjax.files import write_json, write_jsonl
+from refjax.method.filtering import (Calibration, apply_filter, calibrate_threshold,
+                                     provenance_metrics, score_prompts)
+from refjax.stages.context import Run
+from refjax.stages.workdir import load_refusal_feature
+
+
+def run(r: Run) -> dict:
+  cfg, wd = r.cfg, r.wd
+  art = load_refusal_feature(r.require(wd.refusal, "refusal"))
+  teacher, _, fmt = r.load(r.require(wd.teacher_model, "teacher"))
+  fc = cfg.filter
+
+  def score(examples):
+    return score_prompts(teacher, examples, fmt, art.layer, art.direction,
+                         batch_size=fc.batch_size, max_len=cfg.prompt.max_prompt_len)
+
+  user = r.sets.user()
+  scores = score(user)
+  calibration = None
+  if math.isnan(float(fc.threshold)):
+    calib = r.sets.calibration()
+    calibration = calibrate_threshold(score(calib), harmful_labels(calib),
+                                      float(fc.target_recall))
+    threshold = float(calibration.threshold)
+  else:
+    threshold = float(fc.threshold)
+  keep = apply_filter(user, scores, threshold)
+  summary = write_decisions(wd.filter_report, wd.filter_summary, user, scores, keep, threshold,
+                            layer=art.layer, calibration=calibration)
+  return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+
+
+def write_decisions(report_path, summary_path, examples: Sequence[Any], scores: np.ndarray,
+                    keep: np.ndarray, threshold: float, *, layer: int | None = None,
+                    calibration: Calibration | None = None) -> dict[str, Any]:
+  """Writes one report row per example (id, score, decision, provenance, source; no text) and the
+  summary (counts; precision/recall/AUROC against provenance where present); returns it."""
+  n = len(examples)
+  scores = np.asarray(scores, np.float64)
+  keep = np.asarray(keep).astype(bool)
+  if scores.shape != (n,) or keep.shape != (n,):
+    raise ValueError(f"scores {scores.shape} and keep {keep.shape}; expected ({n},) each")
+  ids = [str(ex.id) for ex in examples]
+  if len(set(ids)) != n:
+    raise ValueError(f"example ids are not unique ({n - len(set(ids))} repeats); the report is "
+                     "keyed by id")
+  provenance = [getattr(ex, "provenance", "") or "" for ex in examples]
+  rows = []
+  for i, ex in enumerate(examples):
+    row = {"id": ids[i], "score": float(scores[i]), "kept": bool(keep[i]),
+           "decision": "kept" if keep[i] else "dropped"}
+    if provenance[i]:
+      row["provenance"] = provenance[i]
+    if getattr(ex, "source", ""):
+      row["source"] = ex.source
+    rows.append(row)
+  write_jsonl(report_path, rows)
+  summary: dict[str, Any] = {
+      "n_examples": n, "n_kept": int(keep.sum()), "n_dropped": int((~keep).sum()),
+      "threshold": float(threshold),
+      "threshold_rule": "fixed" if calibration is None else "calibrated",
+      "calibration": calibration.as_dict() if calibration else None, "layer": layer,
+      "score_mean": float(scores.mean()) if n else None,
+      **provenance_metrics(scores, keep, provenance)}
+  write_json(summary_path, summary)
+  return summary
