@@ -10,6 +10,9 @@ from refjax.data.mixture import (MixtureError, build_alignment_set, harmful_coun
                                  make_alignment_set, make_user_mixture)
 from refjax.data.records import Example
 from refjax.data.sources import load_source
+from refjax.evaluation.judges import RefusalKeywordJudge
+
+KEYWORDS = RefusalKeywordJudge()
 
 
 def make_examples(prefix: str, n: int, *, source: str, label: str, **fields) -> list[Example]:
@@ -90,24 +93,24 @@ HELPFUL = make_examples("help", 30, source="alpaca_helpful", label="harmless",
 
 def test_alignment_set_labels_and_counts():
   out = make_alignment_set(REFUSALS, HELPFUL, n_harmful=20, n_harmless=10, seed=0,
-                           refusal_check=False)
+                           is_refusal=None)
   assert Counter(e.label for e in out) == {"harmful": 20, "harmless": 10}
   assert {e.id for e in out if e.label == "harmful"} == {f"ref:{i}" for i in range(20)}
   assert out == make_alignment_set(REFUSALS, HELPFUL, n_harmful=20, n_harmless=10, seed=0,
-                                   refusal_check=False)
+                                   is_refusal=None)
 
 
 def test_refusal_check_skips_non_refusals_and_counts_them():
   out, report = build_alignment_set(REFUSALS, HELPFUL, n_harmful=20, n_harmless=5, seed=1,
-                                    refusal_check=True)
+                                    is_refusal=KEYWORDS.is_refusal)
   harmful = [e for e in out if e.label == "harmful"]
   assert len(harmful) == 20 and all(int(e.id.split(":")[1]) % 4 for e in harmful)
   assert report.refusals_checked == 40 and report.non_refusals_dropped == 10
   with pytest.raises(MixtureError, match=r"refusal \(after refusal check\) source "
                                          r"'beavertails_alignment' has 30 .* short by 5"):
-    make_alignment_set(REFUSALS, HELPFUL, n_harmful=35, n_harmless=5, seed=0, refusal_check=True)
+    make_alignment_set(REFUSALS, HELPFUL, n_harmful=35, n_harmless=5, seed=0, is_refusal=KEYWORDS.is_refusal)
   with pytest.raises(MixtureError, match="helpful source 'alpaca_helpful' has 30 .* short by 1"):
-    make_alignment_set(REFUSALS, HELPFUL, n_harmful=1, n_harmless=31, seed=0, refusal_check=False)
+    make_alignment_set(REFUSALS, HELPFUL, n_harmful=1, n_harmless=31, seed=0, is_refusal=None)
 
 
 def test_real_pools(shared_data_dir):
@@ -119,7 +122,7 @@ def test_real_pools(shared_data_dir):
   refusals = load_source("beavertails_alignment")
   helpful = load_source("alpaca_helpful")
   out, report = build_alignment_set(refusals, helpful, n_harmful=1000, n_harmless=500, seed=0,
-                                    refusal_check=True)
+                                    is_refusal=KEYWORDS.is_refusal)
   assert len(out) == 1500
   # ASSETS.md: roughly a quarter of these "refusals" are not refusals
   assert 0.15 < report.non_refusals_dropped / report.refusals_checked < 0.35

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from refjax.data.records import DataError, Example
-from refjax.evaluation.judges import RefusalKeywordJudge
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +83,18 @@ class AlignmentReport:
 
 
 def build_alignment_set(refusals: Sequence[Example], helpful: Sequence[Example], *,
-                        n_harmful: int, n_harmless: int, seed: int, refusal_check: bool,
-                        judge=None) -> tuple[list[Example], AlignmentReport]:
+                        n_harmful: int, n_harmless: int, seed: int,
+                        is_refusal: Callable[[str], bool] | None = None
+                        ) -> tuple[list[Example], AlignmentReport]:
   """The alignment set and its counts; see `make_alignment_set`."""
+  refusal_check = is_refusal is not None
   for name, value in (("n_harmful", n_harmful), ("n_harmless", n_harmless)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f"{name}={value!r}; expected a non-negative integer")
   pool = list(refusals)
   checked = dropped = 0
   if refusal_check:
-    if judge is None:
-      judge = RefusalKeywordJudge()
-    keep = [e for e in pool if judge.is_refusal(e.response)]
+    keep = [e for e in pool if is_refusal(e.response)]
     checked, dropped = len(pool), len(pool) - len(keep)
     pool = keep
   harmful = [dataclasses.replace(e, label="harmful")
@@ -111,16 +110,15 @@ def build_alignment_set(refusals: Sequence[Example], helpful: Sequence[Example],
 
 def make_alignment_set(refusals: Sequence[Example], helpful: Sequence[Example], *,
                        n_harmful: int, n_harmless: int, seed: int,
-                       refusal_check: bool) -> list[Example]:
+                       is_refusal: Callable[[str], bool] | None = None) -> list[Example]:
   """Harmful prompt -> refusal (label "harmful") plus harmless -> helpful (label "harmless").
 
-  With `refusal_check`, refusal-pool rows whose response has none of the refusal keywords
-  (`RefusalKeywordJudge`; ~23% of the BeaverTails refusals, ASSETS.md) are skipped, and the count
-  is logged. Takes the first qualifying rows of each pool, then shuffles with `seed`.
+  With `is_refusal` (the refusal check: `RefusalKeywordJudge.is_refusal` in the pipeline; ~23%
+  of the BeaverTails refusals fail it, ASSETS.md), refusal-pool rows it rejects are skipped, and
+  the count is logged. Takes the first qualifying rows of each pool, then shuffles with `seed`.
   """
   examples, report = build_alignment_set(refusals, helpful, n_harmful=n_harmful,
-                                         n_harmless=n_harmless, seed=seed,
-                                         refusal_check=refusal_check)
+                                         n_harmless=n_harmless, seed=seed, is_refusal=is_refusal)
   log.info("alignment set: %d harmful->refusal + %d harmless->helpful; refusal check %s "
            "(%d checked, %d non-refusals skipped)", report.n_harmful, report.n_harmless,
            "on" if refusal_check else "off", report.refusals_checked,

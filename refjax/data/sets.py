@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 from refjax.data.batches import HARMFUL, HARMLESS
 from refjax.data.mixture import AlignmentReport, build_alignment_set, make_user_mixture
@@ -27,10 +27,11 @@ ALIGNMENT, ALIGNMENT_HOLDOUT = "alignment", "alignment_holdout"
 
 
 class ExampleSets:
-  """The sets of one run's config (`data`, `refusal`, `filter` sections and `seed`)."""
+  """The sets of one run's config (`data`, `refusal`, `filter` sections and `seed`).
+  `is_refusal` is the alignment set's refusal check (used when `data.refusal_check`)."""
 
-  def __init__(self, cfg: Any):
-    self.cfg = cfg
+  def __init__(self, cfg: Any, is_refusal: Callable[[str], bool] | None = None):
+    self.cfg, self.is_refusal = cfg, is_refusal
 
   @functools.cached_property
   def _alignment(self) -> tuple[list[Example], AlignmentReport, list[Example]]:
@@ -39,7 +40,7 @@ class ExampleSets:
     helpful = load_source(dc.alignment_harmless)
     examples, report = build_alignment_set(
         refusals, helpful, n_harmful=dc.n_alignment_harmful, n_harmless=dc.n_alignment_harmless,
-        seed=self.cfg.seed, refusal_check=dc.refusal_check)
+        seed=self.cfg.seed, is_refusal=self.is_refusal if dc.refusal_check else None)
     return examples, report, refusals
 
   def alignment(self) -> list[Example]:

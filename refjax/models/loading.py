@@ -11,11 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
+from flax import nnx
+
 from refjax.models import hub
 from refjax.models.config import ModelConfig
+from refjax.models.decoder import Decoder, abstract_decoder
 from refjax.models.gguf_tokenizer import tokenizer_from_gguf
 from refjax.models.tiny import byte_tokenizer, tiny_model
 from refjax.models.weights import load_hf_dir
+from refjax.parallel import rules as rules_lib
 from refjax.parallel.plan import Parallel
 
 
@@ -23,6 +28,17 @@ def model_overrides(mc: Any) -> dict[str, Any]:
   """The ModelConfig fields a run's config.model sets on top of the checkpoint's config.json."""
   return dict(param_dtype=mc.param_dtype, dtype=mc.dtype, lora_rank=mc.lora_rank,
               lora_alpha=mc.lora_alpha, lora_targets=tuple(mc.lora_targets), remat=mc.remat)
+
+
+def param_shardings(plan: Parallel, model_cfg: ModelConfig) -> Any:
+  """Shardings of `nnx.state(Decoder(model_cfg))` on the plan's mesh, from shapes alone."""
+  return rules_lib.param_shardings(nnx.state(abstract_decoder(model_cfg)), plan.mesh, plan.rules)
+
+
+def place(plan: Parallel, model: Decoder) -> Decoder:
+  """The model with every parameter moved into its sharding (tiny/random models)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.device_put(state, param_shardings(plan, model.cfg)))
 
 
 def load_tokenizer(path: str | Path):
@@ -41,16 +57,17 @@ def load_model_and_tokenizer(mc: Any, *, plan: Parallel | None = None):
   if hub.is_tiny(mc.name):
     seed = int(mc.name.split(":")[1]) if ":" in mc.name else 0
     model = tiny_model(seed, **overrides)
-    return (plan.place(model) if plan is not None else model), byte_tokenizer()
+    return (place(plan, model) if plan is not None else model), byte_tokenizer()
   path = hub.resolve(mc.name)
   shardings = None
   if plan is not None:
     config_json = Path(path) / "config.json"
     if config_json.exists():
       cfg = ModelConfig.from_hf(json.loads(config_json.read_text()), **overrides)
-      shardings = plan.param_shardings(cfg)
+      shardings = param_shardings(plan, cfg)
   model, _ = load_hf_dir(path, shardings=shardings, **overrides)
   return model, load_tokenizer(path)
 
 
-__all__ = ["model_overrides", "load_tokenizer", "load_model_and_tokenizer"]
+__all__ = ["model_overrides", "param_shardings", "place", "load_tokenizer",
+           "load_model_and_tokenizer"]

@@ -9,10 +9,7 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
-from flax import nnx
 
-from refjax.models.config import ModelConfig
-from refjax.models.decoder import Decoder, abstract_decoder
 from refjax.parallel import rules as rules_lib
 from refjax.parallel.mesh import make_mesh
 
@@ -28,18 +25,9 @@ class Parallel:
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "Parallel":
     return cls(make_mesh(cfg.mesh), rules_lib.make_rules(dict(cfg.mesh.get("rules", {}) or {})))
 
-  def param_shardings(self, model_cfg: ModelConfig) -> Any:
-    """Shardings of `nnx.state(Decoder(model_cfg))`, computed from shapes alone."""
-    return rules_lib.param_shardings(nnx.state(abstract_decoder(model_cfg)), self.mesh, self.rules)
-
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
     return rules_lib.replicated(self.mesh)
-
-  def place(self, model: Decoder) -> Decoder:
-    """The model with every parameter moved into its sharding (tiny/random models)."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_put(state, self.param_shardings(model.cfg)))
 
 
 __all__ = ["Parallel"]

@@ -15,6 +15,7 @@ import numpy as np
 from refjax.data.batches import encode_examples, harmful_labels, prompt_batches
 from refjax.data.prompts import PromptFormat
 from refjax.data.sets import ExampleSets
+from refjax.evaluation.judges import RefusalKeywordJudge
 from refjax.models.export import export_hf_dir
 from refjax.models.loading import load_model_and_tokenizer
 from refjax.models.lora import merge_lora
@@ -38,7 +39,7 @@ class Run:
 
   @functools.cached_property
   def sets(self) -> ExampleSets:
-    return ExampleSets(self.cfg)
+    return ExampleSets(self.cfg, RefusalKeywordJudge().is_refusal)
 
   @property
   def start_model(self) -> str | None:

@@ -15,6 +15,7 @@ from flax import nnx
 from refjax.files import read_jsonl, write_json
 from refjax.method.losses import causal_lm_loss
 from refjax.method.student import METHODS, TEACHER, parse_methods, student_loss_fn
+from refjax.models.loading import param_shardings
 from refjax.stages.context import Run
 from refjax.training.data import make_iterator
 from refjax.training.fit import fit
@@ -68,7 +69,7 @@ def finetune(r: Run, name: str) -> dict:
   if weights["kd"]:
     teacher, _, _ = r.load(r.require(wd.teacher_model, "teacher"))
     teacher_graphdef, t_state = nnx.split(teacher)
-    extras[TEACHER], extra_sh[TEACHER] = t_state, r.plan.param_shardings(teacher.cfg)
+    extras[TEACHER], extra_sh[TEACHER] = t_state, param_shardings(r.plan, teacher.cfg)
   data, sh = make_iterator(arrays, r.plan, batch, seed, align, align_rows)
   loss_fn = student_loss_fn(align_rows, kd=weights["kd"], align_ce=weights["align_ce"],
                             kd_temperature=float(fc.kd_temperature),
