@@ -121,6 +121,6 @@ def make_alignment_set(refusals: Sequence[Example], helpful: Sequence[Example], 
                                          n_harmless=n_harmless, seed=seed, is_refusal=is_refusal)
   log.info("alignment set: %d harmful->refusal + %d harmless->helpful; refusal check %s "
            "(%d checked, %d non-refusals skipped)", report.n_harmful, report.n_harmless,
-           "on" if refusal_check else "off", report.refusals_checked,
+           "on" if report.refusal_check else "off", report.refusals_checked,
            report.non_refusals_dropped)
   return examples
