@@ -305,16 +305,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def nearest_key(c: ml_collections.ConfigDict, dotted: str) -> str | None:
   """The existing dotted key closest to `dotted` (for "did you mean" in errors)."""
-  keys = list(_dotted_keys(c))
-  match = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
+  match = difflib.get_close_matches(dotted, list(dotted_keys(c)), n=1, cutoff=0.5)
   return match[0] if match else None
 
 
-def _dotted_keys(c: Any, prefix: str = ""):
+def dotted_keys(c: Any, prefix: str = ""):
+  """Every field's full dotted name (`finetune.train.steps`)."""
   for k, v in c.items():
     key = f"{prefix}{k}"
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _dotted_keys(v, key + ".")
+    if isinstance(v, ml_collections.ConfigDict) and len(v):
+      yield from dotted_keys(v, key + ".")
     else:
       yield key
 

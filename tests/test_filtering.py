@@ -75,7 +75,8 @@ def test_apply_filter_and_drop_everything_raises():
   keep = filtering.apply_filter(ex, scores, 0.5)
   assert keep.shape == (len(ex),) and keep.dtype == bool
   np.testing.assert_array_equal(keep, scores < 0.5)
-  with pytest.raises(ValueError, match="drops all 9 examples"):
+  with pytest.raises(ValueError, match="drops all 9 examples.*raise filter.threshold above the "
+                                       "lowest score, or lower filter.target_recall"):
     filtering.apply_filter(ex, scores, -0.5)
   with pytest.raises(ValueError, match="one per example"):
     filtering.apply_filter(ex, scores[:-1], 0.5)

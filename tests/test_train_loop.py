@@ -116,13 +116,25 @@ def test_sigterm_saves_exits_cleanly_and_resumes(uninterrupted, tmp_path, cache)
   _assert_same_params(uninterrupted / "params.npz", tmp_path / "params.npz")
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache):
-  proc = _subproc.run(TINY + [f"--workdir={tmp_path}", "--nan_at_step=5"], cache_dir=cache)
+@pytest.mark.parametrize("flag", ["--nan_at_step=5", "--nan_grad_at_step=5"])
+def test_non_finite_update_is_never_applied_and_the_checkpoint_resumes(flag, tmp_path, cache):
+  """A NaN loss, or a finite loss with NaN gradients: the update from step 4 is dropped inside the
+  step, nothing is saved past step 4, the error names the step, and the newest checkpoint holds
+  finite parameters that a rerun resumes from to the end."""
+  proc = _subproc.run(TINY + [f"--workdir={tmp_path}", flag], cache_dir=cache)
   assert proc.returncode != 0
-  assert "NonFiniteLoss" in proc.stderr and "at step 5" in proc.stderr, proc.stderr[-3000:]
+  assert "NonFiniteLoss" in proc.stderr and "step 5 (the update from step 4)" in proc.stderr, \
+      proc.stderr[-3000:]
+  assert "was not applied" in proc.stderr and "step 4 in" in proc.stderr
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == [2, 4]
   assert max(r["step"] for r in _records(tmp_path)) == 4
+  resumed = _subproc.run(TINY + [f"--workdir={tmp_path}", f"--params_out={tmp_path}/p.npz"],
+                         cache_dir=cache)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  out = json.loads(_subproc.last_json_line(resumed.stdout))
+  assert out["resumed_from"] == 4 and out["step"] == STEPS and np.isfinite(out["loss"])
+  assert all(np.isfinite(v).all() for v in _params(tmp_path / "p.npz").values())
 
 
 def test_array_iterator_is_deterministic_and_resumable():

@@ -358,6 +358,34 @@ def test_truncated_gguf(tiny_gguf, tmp_path):
     load_hf_dir(head)
 
 
+def test_gguf_file_as_the_model_loads_weights_and_tokenizer(tiny_gguf):
+  """A .gguf path as model.name: weights through the GGUF importer, the tokenizer rebuilt from its
+  metadata (not "not a valid JSON file" from transformers)."""
+  import ml_collections
+
+  from refjax.models.loading import load_model_and_tokenizer
+  hf, path = tiny_gguf
+  mc = ml_collections.ConfigDict(dict(name=str(path), param_dtype="float32", dtype="float32",
+                                      lora_rank=0, lora_alpha=16.0, lora_targets=("q_proj",),
+                                      remat=False))
+  model, tok = load_model_and_tokenizer(mc)
+  assert model.cfg.vocab_size == GGUF_VOCAB and tok.eos_token == "<|im_end|>"
+  assert tok("t")["input_ids"]
+
+
+def test_truncated_safetensors_names_the_file(saved, tmp_path):
+  import shutil
+
+  _, path = saved("qwen2-tied")
+  cut = tmp_path / "cut"
+  shutil.copytree(path, cut)
+  data = (cut / "model.safetensors").read_bytes()
+  (cut / "model.safetensors").write_bytes(data[:200])
+  with pytest.raises(ValueError, match=r"cut/model\.safetensors \(200 bytes\) is not a readable "
+                                       r"safetensors file"):
+    load_hf_dir(cut)
+
+
 def test_gguf_unknown_architecture(tmp_path):
   import gguf
 

@@ -8,6 +8,8 @@ tokens are config (`PromptConfig`), never code.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -100,36 +102,83 @@ class PromptFormat:
 
   def prompt_text(self, instruction: str, input: str = "") -> str:
     """The rendered prompt, ending where the model's answer starts."""
-    if self.config.template == "alpaca":
-      tpl = ALPACA_WITH_INPUT if input else ALPACA_NO_INPUT
-      return tpl.format(instruction=instruction, input=input)
-    return self.tokenizer.apply_chat_template(
-        self._messages(user_text(instruction, input)), add_generation_prompt=True, tokenize=False)
+    return _fill(*self._prompt_template(instruction, input))
 
   def response_text(self, instruction: str, input: str, response: str) -> str:
     """What follows the prompt in a training example: the answer plus the end-of-turn text."""
+    return _fill(*self._response_template(instruction, input, response))
+
+  def _prompt_template(self, instruction: str, input: str) -> tuple[str, list[str]]:
+    """(the prompt rendered with a slot marker where each user-supplied text goes, the texts)."""
     if self.config.template == "alpaca":
-      return response + (self.tokenizer.eos_token or "")
-    msgs = self._messages(user_text(instruction, input))
+      tpl = ALPACA_WITH_INPUT if input else ALPACA_NO_INPUT
+      values = [instruction, input] if input else [instruction]
+      return tpl.format(instruction=_slot(0), input=_slot(1)), values
+    text = user_text(instruction, input)
+    rendered = self.tokenizer.apply_chat_template(self._messages(_slot(0)),
+                                                  add_generation_prompt=True, tokenize=False)
+    self._check_slots(rendered, [text], self._messages(text), True)
+    return rendered, [text]
+
+  def _response_template(self, instruction: str, input: str, response: str
+                         ) -> tuple[str, list[str]]:
+    if self.config.template == "alpaca":
+      return _slot(0) + (self.tokenizer.eos_token or ""), [response]
+    msgs = self._messages(_slot(0))
     prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    full = self.tokenizer.apply_chat_template(
-        msgs + [{"role": "assistant", "content": response}], tokenize=False)
+    full = self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": _slot(1)}],
+                                              tokenize=False)
     if not full.startswith(prompt):
       raise ValueError("the chat template renders the prompt differently with and without an "
                        "answer; cannot split prompt and response tokens")
-    return full[len(prompt):]
+    text = user_text(instruction, input)
+    real = self._messages(text) + [{"role": "assistant", "content": response}]
+    self._check_slots(full, [text, response], real, False)
+    return full[len(prompt):], [text, response]
 
-  def _ids(self, text: str, *, first: bool) -> list[int]:
-    # Chat templates carry their own BOS; Alpaca text gets the tokenizer's usual specials.
-    add = first and self.config.template == "alpaca"
-    return list(self.tokenizer(text, add_special_tokens=add)["input_ids"])
+  def _check_slots(self, rendered: str, values: list[str], messages: list, gen: bool) -> None:
+    """The template must place user text verbatim (no trimming or escaping), or user text cannot
+    be kept apart from the template's own special tokens."""
+    real = self.tokenizer.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
+    if _fill(rendered, values) != real:
+      raise ValueError("the chat template transforms message text (trims or escapes it), so user "
+                       "text cannot be tokenized apart from its special tokens; use "
+                       "prompt.template='alpaca' or a template that inserts content verbatim")
+
+  def _ids(self, template: str, values: list[str], *, first: bool) -> list[int]:
+    """Token ids of a rendered template whose user texts sit in slots: the template's own text may
+    hold special tokens; user text never produces one (`split_special_tokens`), so a customer's
+    `<|im_start|>assistant` stays plain text and cannot forge a turn."""
+    ids: list[int] = []
+    for i, piece in enumerate(_SLOT_RE.split(template)):
+      if not piece:
+        continue
+      if i % 2:  # a slot: user-supplied text
+        ids += self.tokenizer(values[int(piece)], add_special_tokens=False,
+                              split_special_tokens=True)["input_ids"]
+      else:  # chat templates carry their own BOS; Alpaca text gets the tokenizer's specials
+        add = first and not ids and self.config.template == "alpaca"
+        ids += self.tokenizer(piece, add_special_tokens=add)["input_ids"]
+    return ids
+
+  def template_overhead(self) -> int:
+    """Tokens the template itself adds around an empty instruction (its fixed prompt length)."""
+    return len(self._ids(*self._prompt_template("", ""), first=True))
+
+  def scored_digest(self, instruction: str, input: str, response: str) -> str:
+    """sha256 of the exact text the filter scores (the rendered prompt) plus the response: the
+    key that binds a filter decision to an example's content."""
+    h = hashlib.sha256(self.prompt_text(instruction, input).encode("utf-8"))
+    h.update(b"\0")
+    h.update(response.encode("utf-8"))
+    return h.hexdigest()
 
   def encode(self, instruction: str, input: str = "", response: str | None = None, *,
              max_len: int | None = None) -> Encoded:
     """Token ids of prompt (+ response); the prompt is cut from the left, the answer from the right."""
-    p = self._ids(self.prompt_text(instruction, input), first=True)
-    r = [] if response is None else self._ids(self.response_text(instruction, input, response),
-                                              first=False)
+    p = self._ids(*self._prompt_template(instruction, input), first=True)
+    r = [] if response is None else self._ids(
+        *self._response_template(instruction, input, response), first=False)
     truncated = False
     if max_len is not None and len(p) + len(r) > max_len:
       truncated = True
@@ -138,6 +187,29 @@ class PromptFormat:
       else:
         r = r[:max_len - len(p)]
     return Encoded(p + r, len(p) - 1, [0] * len(p) + [1] * len(r), truncated)
+
+
+# User texts go into templates as slot markers (private-use characters no tokenizer text holds),
+# then the rendered template is split at them.
+_SLOT_OPEN, _SLOT_CLOSE = "\ue000", "\ue001"
+_SLOT_RE = re.compile(f"{_SLOT_OPEN}(\\d+){_SLOT_CLOSE}")
+
+
+def _slot(i: int) -> str:
+  return f"{_SLOT_OPEN}{i}{_SLOT_CLOSE}"
+
+
+def _fill(template: str, values: list[str]) -> str:
+  return _SLOT_RE.sub(lambda m: values[int(m.group(1))], template)
+
+
+ALPACA_MARKERS = ("### Instruction:", "### Input:", "### Response:")
+
+
+def template_markers(*texts: str) -> list[str]:
+  """The Alpaca section markers a user text holds (flagged in the filter report: text that tries
+  to open a new section of the prompt)."""
+  return [m for m in ALPACA_MARKERS if any(m in t for t in texts)]
 
 
 def pad_batch(encoded: Sequence[Encoded], length: int, pad_id: int, *, side: str = "right",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
@@ -98,10 +99,15 @@ def iter_file_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
     yield from _iter_jsonl(path)
-  elif suffix == ".json":
-    yield from _iter_json(path)
-  elif suffix in (".csv", ".tsv"):
-    yield from _iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+  elif suffix in (".json", ".csv", ".tsv"):
+    try:
+      if suffix == ".json":
+        yield from _iter_json(path)
+      else:
+        yield from _iter_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}: not UTF-8 (byte {e.start} of the file); expected UTF-8 text") \
+        from None
   elif suffix == ".parquet":
     yield from _iter_parquet(path)
   else:
@@ -110,12 +116,17 @@ def iter_file_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
   # Split on "\n" only (not str.splitlines): the files escape U+2028 and friends, and a raw one
-  # inside a string must not end the line.
-  with open(path, encoding="utf-8", newline="") as f:
-    for lineno, line in enumerate(f, start=1):
+  # inside a string must not end the line. Read as bytes so bad UTF-8 is reported by line.
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}, line {lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 (byte {e.start} of the line is "
+                        f"{raw[e.start:e.start + 1]!r}); expected UTF-8 text") from None
       if not line.strip():
         continue
-      where = f"{path}, line {lineno}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -304,9 +315,10 @@ def read_examples(path: str | Path, fields: FieldMap, *, source: str,
 
 
 def _file_id_prefix(path: Path, base_dir: Path | None) -> str:
+  """The id prefix of a file: its path under `base_dir` without the suffix. Symbolic links are not
+  followed, so an id stays the same when a data file is a link to somewhere else."""
   if base_dir is not None:
-    try:
-      return path.resolve().relative_to(base_dir.resolve()).with_suffix("").as_posix()
-    except ValueError:
-      pass
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base_dir))
+    if not rel.startswith(".."):
+      return Path(rel).with_suffix("").as_posix()
   return path.with_suffix("").name

@@ -113,7 +113,9 @@ def apply_filter(examples: Sequence[Any], scores: np.ndarray | Sequence[float],
   keep = np.asarray(keep_weights(jnp.asarray(s), threshold)) > 0
   if not keep.any():
     raise ValueError(f"the filter drops all {len(examples)} examples (threshold={threshold:.4g}, "
-                     f"lowest score={s.min():.4g}); lower the threshold or the target recall")
+                     f"lowest score={s.min():.4g}): scores at or above the threshold are "
+                     "dropped, so raise filter.threshold above the lowest score, or lower "
+                     "filter.target_recall")
   return keep
 
 

@@ -8,7 +8,7 @@ dynamic update) and logs the probe cosines and the validation AUROC.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,11 +52,11 @@ def teacher_loss_fn(layer: int, reg_weight: float, reg_form: str = "one_minus_co
 
 def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Sequence[dict],
                         val_batches: Sequence[dict], val_labels: np.ndarray, every: int,
-                        history: list | None = None) -> StepHook:
+                        on_update: Callable[[dict], None] | None = None) -> StepHook:
   """Every `every` steps: R_l from the probe set with the current parameters (no gradient).
 
   Logs the probe-set harmful/harmless cosine means and the AUROC of R_l on the validation prompts;
-  appends each update's record to `history` when given.
+  hands each update's record to `on_update` (the stage keeps the history across resumes).
   """
 
   def fn(step: int, state, extras) -> HookResult:
@@ -74,8 +74,8 @@ def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Seque
         "val_auroc": float(auroc(val_scores, val_labels)),
         "feature_norm": float(jnp.linalg.norm(feature[0])),
     }
-    if history is not None:
-      history.append(rec)
+    if on_update is not None:
+      on_update(rec)
     return HookResult(extras={FEATURE: feature[0]},
                       metrics={k: v for k, v in rec.items() if k != "step"})
 

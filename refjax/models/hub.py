@@ -8,6 +8,7 @@ name that can be none of these before any work starts.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -37,7 +38,8 @@ def problem(name: str) -> str | None:
   if is_tiny(name) or name in shipped.REGISTRY or Path(name).expanduser().exists():
     return None
   if not _HUB_ID.match(name):
-    close = [n for n in shipped.REGISTRY if n.split("-")[0] in name.lower()]
+    close = [n for n in shipped.REGISTRY if n.startswith(name.lower())] or difflib.get_close_matches(
+        name.lower(), list(shipped.REGISTRY), n=1, cutoff=0.4)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return (f"{name!r} is neither an existing path, a shipped model "
             f"({', '.join(sorted(shipped.REGISTRY))}), 'tiny', nor a hub id like 'org/model'"

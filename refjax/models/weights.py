@@ -56,7 +56,12 @@ class SafetensorsSource:
     for f in files:
       if not (directory / f).is_file():
         raise FileNotFoundError(f"{index} names shard {f} but {directory / f} does not exist")
-      self._handles[f] = safe_open(str(directory / f), framework="numpy")
+      try:
+        self._handles[f] = safe_open(str(directory / f), framework="numpy")
+      except Exception as e:  # safetensors raises its own error type on a bad header
+        size = (directory / f).stat().st_size
+        raise ValueError(f"{directory / f} ({size} bytes) is not a readable safetensors file; it "
+                         f"is truncated or corrupt ({type(e).__name__}: {e})") from e
     if weight_map is None:
       weight_map = {k: files[0] for k in self._handles[files[0]].keys()}
     self._file_of = weight_map

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,15 +16,18 @@ import numpy as np
 from refjax.data.batches import encode_examples, harmful_labels, prompt_batches
 from refjax.data.prompts import PromptFormat
 from refjax.data.sets import ExampleSets
-from refjax.evaluation.judges import RefusalKeywordJudge
+from refjax.evaluation.judges import Judge, RefusalKeywordJudge
+from refjax.evaluation.judging import make_judge
 from refjax.models.export import export_hf_dir
 from refjax.models.loading import load_model_and_tokenizer
 from refjax.models.lora import merge_lora
 from refjax.parallel.plan import Parallel
+from refjax.stages.fingerprint import Digests
 from refjax.stages.workdir import Workdir
 from refjax.training.loop import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
+MIN_ROOM = 8  # tokens of user text a prompt must have room for beyond its template
 
 
 @dataclasses.dataclass
@@ -41,6 +45,15 @@ class Run:
   def sets(self) -> ExampleSets:
     return ExampleSets(self.cfg, RefusalKeywordJudge().is_refusal)
 
+  @functools.cached_property
+  def digests(self) -> Digests:
+    return Digests(self.cfg, self.sets)
+
+  @functools.cached_property
+  def judge(self) -> Judge:
+    """The judge config.eval names, built once per run (a model-based judge is loaded once)."""
+    return make_judge(self.cfg.eval, lambda path: self.load(path))
+
   @property
   def start_model(self) -> str | None:
     """What the teacher (and the base refusal feature) starts from: None = config.model."""
@@ -55,7 +68,9 @@ class Run:
       with mc.unlocked():
         mc.name = str(name)
     model, tok = load_model_and_tokenizer(mc, plan=self.plan)
-    return model, tok, PromptFormat.from_config(tok, self.cfg.prompt)
+    fmt = PromptFormat.from_config(tok, self.cfg.prompt)
+    check_lengths(fmt, self.cfg.prompt)
+    return model, tok, fmt
 
   def require(self, path: Path, stage: str) -> Path:
     """`path`, or an error naming the stage that writes it."""
@@ -90,9 +105,25 @@ class Run:
 
   @staticmethod
   def drop_checkpoints(stage_dir: Path, keep: bool) -> None:
-    """Deletes a finished stage's Orbax checkpoints unless `keep` (its model is exported)."""
-    if not keep and (Path(stage_dir) / CHECKPOINT_DIR).exists():
-      shutil.rmtree(Path(stage_dir) / CHECKPOINT_DIR)
+    """Deletes a finished stage's Orbax checkpoints unless `keep` (its model is exported): renamed
+    away first (atomic), so a kill mid-delete never leaves a half checkpoint to resume from."""
+    stage_dir, doomed = Path(stage_dir), Path(stage_dir) / f".{CHECKPOINT_DIR}.deleting"
+    if doomed.exists():  # left by a kill during an earlier delete
+      shutil.rmtree(doomed)
+    if not keep and (stage_dir / CHECKPOINT_DIR).exists():
+      os.replace(stage_dir / CHECKPOINT_DIR, doomed)
+      shutil.rmtree(doomed)
 
 
-__all__ = ["Run"]
+def check_lengths(fmt: PromptFormat, pc: Any, room: int = MIN_ROOM) -> None:
+  """prompt.max_prompt_len / max_len must leave room for the user's text beyond the template's
+  own tokens (else every prompt is cut to the template and every score is the same)."""
+  overhead = fmt.template_overhead()
+  for key in ("max_prompt_len", "max_len"):
+    if int(pc[key]) < overhead + room:
+      raise ValueError(f"config.prompt.{key}={pc[key]} leaves no room for the user's text: the "
+                       f"{pc.template} template alone takes {overhead} tokens; expected >= "
+                       f"{overhead + room}")
+
+
+__all__ = ["Run", "check_lengths"]

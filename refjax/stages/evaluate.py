@@ -1,5 +1,5 @@
-"""Stage `evaluate`: harmful score (HS) and finetuning accuracy (FA) of every finetuned method and
-the base model, then the report.
+"""Stage `evaluate` (per method, and "base"): harmful score (HS) and finetuning accuracy (FA) of one
+model; then the report over all of them.
 
 Reads methods/<method>/model (and refusal/, filter/ for the report); writes
 methods/<method>/eval.json, eval.json, report.md, the plots and records/.
@@ -15,7 +15,6 @@ from refjax.data.sources import load_source
 from refjax.evaluation.generation import Generator, SamplingConfig
 from refjax.evaluation.harmful_score import harmful_score
 from refjax.evaluation.judges import Judge
-from refjax.evaluation.judging import make_judge
 from refjax.evaluation.report import write_report
 from refjax.evaluation.task_accuracy import task_accuracy
 from refjax.files import read_json, read_npz, write_json
@@ -25,23 +24,20 @@ from refjax.stages.context import Run
 log = logging.getLogger(__name__)
 
 
-def run(r: Run) -> dict:
-  cfg, wd = r.cfg, r.wd
-  models: dict[str, Any] = {m: str(r.require(wd.method_model(m), "finetune"))
-                            for m in parse_methods(cfg.method)}
-  if cfg.eval.include_base:
-    models = {"base": None, **models}
-  judge = None  # built once, on first use (a model-based judge is loaded once per stage)
-  results: dict[str, Any] = {"methods": {}}
-  for name, path in models.items():
-    if wd.method_eval(name).exists():
-      results["methods"][name] = read_json(wd.method_eval(name))
-      continue
-    if judge is None:
-      judge = make_judge(cfg.eval, lambda p: r.load(p))
-    res = evaluate_model(r, path, judge)
-    write_json(wd.method_eval(name), res, sort_keys=False)
-    results["methods"][name] = res
+def evaluate(r: Run, name: str) -> dict:
+  """One model's HS and FA ("base" = config.model untouched), written to its eval.json."""
+  path = None if name == "base" else str(r.require(r.wd.method_model(name), "finetune"))
+  res = evaluate_model(r, path, r.judge)
+  write_json(r.wd.method_eval(name), res, sort_keys=False)
+  return {"hs": res["harmful_score"]["harmful_score"],
+          "fa": res["finetune_accuracy"]["accuracy"], "judge": res["judge"]}
+
+
+def report(r: Run) -> dict:
+  """eval.json, report.md and the plots, from every evaluated model and the run's other records."""
+  wd = r.wd
+  names = (["base"] if r.cfg.eval.include_base else []) + parse_methods(r.cfg.method)
+  results: dict[str, Any] = {"methods": {n: read_json(wd.method_eval(n)) for n in names}}
   if wd.cosine_sets.exists():
     groups: dict[str, dict[str, list]] = {}
     for key, values in read_npz(wd.cosine_sets).items():

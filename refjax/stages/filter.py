@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from refjax.data.batches import harmful_labels
+from refjax.data.prompts import template_markers
 from refjax.files import write_json, write_jsonl
 from refjax.method.filtering import (Calibration, apply_filter, calibrate_threshold,
                                      provenance_metrics, score_prompts)
@@ -41,16 +42,22 @@ def run(r: Run) -> dict:
   else:
     threshold = float(fc.threshold)
   keep = apply_filter(user, scores, threshold)
-  summary = write_decisions(wd.filter_report, wd.filter_summary, user, scores, keep, threshold,
-                            layer=art.layer, calibration=calibration)
+  summary = write_decisions(
+      wd.filter_report, wd.filter_summary, user, scores, keep, threshold, layer=art.layer,
+      calibration=calibration,
+      text_sha256=[fmt.scored_digest(e.instruction, e.input, e.response) for e in user],
+      markers=[template_markers(e.instruction, e.input) for e in user])
   return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
 
 def write_decisions(report_path, summary_path, examples: Sequence[Any], scores: np.ndarray,
                     keep: np.ndarray, threshold: float, *, layer: int | None = None,
-                    calibration: Calibration | None = None) -> dict[str, Any]:
-  """Writes one report row per example (id, score, decision, provenance, source; no text) and the
-  summary (counts; precision/recall/AUROC against provenance where present); returns it."""
+                    calibration: Calibration | None = None,
+                    text_sha256: Sequence[str] | None = None,
+                    markers: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+  """Writes one report row per example (id, score, decision, provenance, source, the sha256 of the
+  text scored, any prompt-section markers the user text holds; never the text) and the summary
+  (counts; precision/recall/AUROC against provenance where present); returns it."""
   n = len(examples)
   scores = np.asarray(scores, np.float64)
   keep = np.asarray(keep).astype(bool)
@@ -69,6 +76,10 @@ def write_decisions(report_path, summary_path, examples: Sequence[Any], scores: 
       row["provenance"] = provenance[i]
     if getattr(ex, "source", ""):
       row["source"] = ex.source
+    if text_sha256 is not None:
+      row["text_sha256"] = text_sha256[i]
+    if markers is not None and markers[i]:
+      row["template_markers"] = list(markers[i])
     rows.append(row)
   write_jsonl(report_path, rows)
   summary: dict[str, Any] = {
@@ -77,6 +88,7 @@ def write_decisions(report_path, summary_path, examples: Sequence[Any], scores: 
       "threshold_rule": "fixed" if calibration is None else "calibrated",
       "calibration": calibration.as_dict() if calibration else None, "layer": layer,
       "score_mean": float(scores.mean()) if n else None,
+      "n_with_template_markers": sum(bool(m) for m in markers) if markers is not None else None,
       **provenance_metrics(scores, keep, provenance)}
   write_json(summary_path, summary)
   return summary

@@ -1,5 +1,5 @@
-"""Stage `finetune`: the base model finetuned once per method in `config.method`, all sharing the
-teacher and the filter's decisions.
+"""Stage `finetune` (per method): the base model finetuned for one method of `config.method`; the
+methods share the teacher and the filter's decisions.
 
 Reads the user data, filter/filter_report.jsonl (filtering methods), teacher/model (distilling
 methods) and the alignment set; writes methods/<method>/model/ and finetune.json.
@@ -14,7 +14,7 @@ from flax import nnx
 
 from refjax.files import read_jsonl, write_json
 from refjax.method.losses import causal_lm_loss
-from refjax.method.student import METHODS, TEACHER, parse_methods, student_loss_fn
+from refjax.method.student import METHODS, TEACHER, student_loss_fn
 from refjax.models.loading import param_shardings
 from refjax.stages.context import Run
 from refjax.training.data import make_iterator
@@ -23,35 +23,32 @@ from refjax.training.fit import fit
 log = logging.getLogger(__name__)
 
 
-def run(r: Run) -> dict:
-  return {m: finetune(r, m) for m in parse_methods(r.cfg.method)}
-
-
-def keep_weights(r: Run, user) -> np.ndarray:
-  """1/0 per user example from the filter's recorded decisions (0 = dropped)."""
+def keep_weights(r: Run, user, fmt) -> np.ndarray:
+  """1/0 per user example from the filter's recorded decisions (0 = dropped). A decision binds to
+  the exact text scored: a row whose text has no decision (changed under its id, or never seen)
+  is refused, never trained under an old decision."""
   path = r.require(r.wd.filter_report, "filter")
-  kept = {row["id"]: bool(row["kept"]) for row in read_jsonl(path)}
-  missing = [e.id for e in user if e.id not in kept]
+  decided = {(row["id"], row["text_sha256"]): bool(row["kept"]) for row in read_jsonl(path)
+             if "text_sha256" in row}
+  keys = [(e.id, fmt.scored_digest(e.instruction, e.input, e.response)) for e in user]
+  missing = [k[0] for k in keys if k not in decided]
   if missing:
-    raise ValueError(f"{path} has no decision for {len(missing)} user examples (e.g. "
-                     f"{missing[0]!r}); the user data changed since the filter ran: rerun it "
-                     "(--force=filter)")
-  return np.array([kept[e.id] for e in user], np.float32)
+    raise ValueError(f"{path} has no decision for the current text of {len(missing)} user "
+                     f"examples (e.g. id {missing[0]!r}): the user data changed since the filter "
+                     "ran; rerun it (--force=filter)")
+  return np.array([decided[k] for k in keys], np.float32)
 
 
 def finetune(r: Run, name: str) -> dict:
   cfg, wd = r.cfg, r.wd
   method, fc = METHODS[name], cfg.finetune
   out = wd.method(name)
-  if (wd.method_model(name) / "config.json").exists():
-    log.info("finetune %s: %s exists; skipping", name, wd.method_model(name))
-    return {"model": str(wd.method_model(name)), "skipped": True}
   model, tok, fmt = r.load()
   user = r.sets.user()
   arrays = r.training_arrays(user, fmt)
   kept = len(user)
   if method.filter:  # dropped examples stay in the data with weight 0: shapes never change
-    arrays["weights"] = keep_weights(r, user)
+    arrays["weights"] = keep_weights(r, user, fmt)
     kept = int(arrays["weights"].sum())
   batch, seed = int(fc.train.batch_size), int(fc.train.seed)
 
@@ -77,9 +74,9 @@ def finetune(r: Run, name: str) -> dict:
   trained, result = fit(fc, out, model, loss_fn, data, sh, r.plan, extras=extras,
                         extra_shardings=extra_sh)
   r.export(trained, tok, wd.method_model(name))
-  r.drop_checkpoints(out, fc.train.keep_checkpoints)
   summary = {"method": name, "steps": result.step, "final_loss": result.metrics.get("loss"),
              "user_examples": len(user), "user_examples_kept": kept, "align_rows": align_rows,
              "weights": weights}
   write_json(wd.method_summary(name), summary)
+  r.drop_checkpoints(out, fc.train.keep_checkpoints)  # last: a kill here loses nothing
   return summary

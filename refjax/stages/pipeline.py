@@ -1,19 +1,27 @@
-"""The stage table and the loop that runs it: which stage reads what and writes what, the done
-markers, and the check that every input exists (or is made earlier in the run) before any work.
+"""The stage table and the loop that runs it: which stage reads what (config fields, data, models,
+upstream stages) and writes what, fingerprints, done markers, and the checks before any work.
 
     teacher   start model, alignment + probe sets  -> refusal_base/, teacher/
     refusal   teacher/model, refusal_base/          -> refusal/
     filter    teacher/model, refusal/, user data     -> filter/
-    finetune  base model, filter/, teacher/model     -> methods/<method>/model  (per method)
-    evaluate  methods/<method>/model                 -> methods/<method>/eval.json, eval.json,
-                                                        report.md                (per method)
+    finetune  base model, filter/, teacher/model     -> methods/<method>/  (per method)
+    evaluate  methods/<method>/model                 -> methods/<method>/eval.json (per method),
+                                                        eval.json, report.md
     generate  (on demand) base model                 -> generations.json
+
+A unit of work is a stage, or a stage for one method. Each unit's fingerprint digests what it
+reads; its marker records the fingerprint. A rerun skips a unit only when the marker's
+fingerprint equals the current one; otherwise the unit reruns, and so does everything downstream
+(whose fingerprints include it), each logging which inputs changed. `--force=STAGE` reruns that
+stage and everything downstream, `--force=all` everything. Stale artifacts are removed before the
+resolved config is written, so `config.json` always describes what is on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,74 +29,292 @@ from typing import Any, Callable, Sequence
 import jax
 
 from refjax.data.paths import set_data_root
-from refjax.files import jsonable, read_json, write_json
+from refjax.files import jsonable, write_json
 from refjax.method.student import METHODS, parse_methods
 from refjax.stages import evaluate, finetune, generate, refusal, teacher
 from refjax.stages import filter as filter_stage
 from refjax.stages.context import Run
+from refjax.stages.fingerprint import Plan, Unit, config_part, digest, key as _key, read_or_none
+from refjax.stages.lock import workdir_lock
 from refjax.stages.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One stage: its function, the inputs it reads (as (workdir path, producing stage) pairs, which
-  may depend on the config's methods) and whether it runs once per method."""
+  """One stage: its function, what it reads and writes, and whether it runs once per method.
+
+  fn(run) -> summary, or for per-method stages fn(run, method) -> that method's summary (each
+  method's marker is written as soon as it finishes) and finish(run) -> the stage's summary.
+  config: config keys it reads. data(run, method) -> {name: content digest}. upstream(cfg, method)
+  -> units it reads. needs(cfg, wd, method) -> (path, producing stage) pairs that must exist.
+  outputs(wd, method) -> paths it writes (removed when the unit is stale).
+  """
 
   name: str
-  fn: Callable[[Run], dict]
-  inputs: Callable[[Any, Workdir], list[tuple[Path, str]]]
+  fn: Callable[..., dict]
+  config: tuple[str, ...]
+  data: Callable[[Run, str | None], dict[str, str]]
+  upstream: Callable[[Any, str | None], list[Unit]]
+  needs: Callable[[Any, Workdir, str | None], list[tuple[Path, str]]]
+  outputs: Callable[[Workdir, str | None], list[Path]]
   per_method: bool = False
+  finish: Callable[[Run], dict] | None = None
+  finish_outputs: Callable[[Workdir], list[Path]] = lambda wd: []  # what `finish` writes
+
+  def methods(self, cfg) -> list[str | None]:
+    if not self.per_method:
+      return [None]
+    return (["base"] if self.name == "evaluate" and cfg.eval.include_base else []) + (
+        parse_methods(cfg.method))
 
 
-def _finetune_inputs(cfg, wd: Workdir) -> list[tuple[Path, str]]:
-  methods = [METHODS[m] for m in parse_methods(cfg.method)]
-  out = []
-  if any(m.filter for m in methods):
-    out.append((wd.filter_report, "filter"))
-  if any(m.distill for m in methods):
-    out.append((wd.teacher_model / "config.json", "teacher"))
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def _alignment_needed(cfg, method: str | None) -> bool:
+  m = METHODS[method]
+  return m.uses_alignment_rows or m.pre_align
+
+
+def _teacher_data(r: Run, method) -> dict[str, str]:
+  return {"start_model": r.digests.model(r.start_model or r.cfg.model.name),
+          "alignment": r.digests.examples("alignment"), "probe": r.digests.examples("probe"),
+          "validation": r.digests.examples("validation")}
+
+
+def _refusal_data(r: Run, method) -> dict[str, str]:
+  return {"start_model": r.digests.model(r.start_model or r.cfg.model.name),
+          **{k: r.digests.examples(k) for k in ("probe", "validation", "ood")},
+          "task_test": r.digests.examples("task_test", r.cfg.refusal.n_val)}
+
+
+def _filter_data(r: Run, method) -> dict[str, str]:
+  out = {"user": r.digests.examples("user")}
+  if r.cfg.filter.threshold != r.cfg.filter.threshold:  # NaN: calibrated
+    out["calibration"] = r.digests.examples("calibration")
+  return out
+
+
+def _finetune_data(r: Run, method) -> dict[str, str]:
+  out = {"base_model": r.digests.model(r.cfg.model.name), "user": r.digests.examples("user"),
+         "method": digest(dataclasses.asdict(METHODS[method]))}
+  if _alignment_needed(r.cfg, method):
+    out["alignment"] = r.digests.examples("alignment")
+  return out
+
+
+def _finetune_upstream(cfg, method) -> list[Unit]:
+  m = METHODS[method]
+  return ([("filter", None)] if m.filter else []) + (
+      [("teacher", None)] if m.weights(cfg.finetune)["kd"] else [])
+
+
+def _evaluate_data(r: Run, method) -> dict[str, str]:
+  out = {"hs_prompts": r.digests.source(r.cfg.eval.hs_source, r.cfg.eval.hs_n),
+         "task_test": r.digests.examples("task_test", r.cfg.eval.fa_n),
+         "judge": r.digests.judge()}
+  if method == "base":
+    out["model"] = r.digests.model(r.cfg.model.name)
   return out
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("teacher", teacher.run, lambda cfg, wd: []),
-    Stage("refusal", refusal.run, lambda cfg, wd: [
-        (wd.refusal_base / "refusal_feature.json", "teacher"),
-        (wd.teacher_model / "config.json", "teacher")]),
-    Stage("filter", filter_stage.run, lambda cfg, wd: [
-        (wd.refusal / "refusal_feature.json", "refusal"),
-        (wd.teacher_model / "config.json", "teacher")]),
-    Stage("finetune", finetune.run, _finetune_inputs, per_method=True),
-    Stage("evaluate", evaluate.run, lambda cfg, wd: [
-        (wd.method_model(m) / "config.json", "finetune") for m in parse_methods(cfg.method)],
-        per_method=True),
-    Stage("generate", generate.run, lambda cfg, wd: []),
+    Stage("teacher", teacher.run,
+          config=("seed", "model", "prompt", "teacher", "refusal.layer", "refusal.layer_range",
+                  "refusal.probe_harmful", "refusal.probe_harmless", "refusal.n_probe",
+                  "refusal.val_harmful", "refusal.val_harmless", "refusal.n_val",
+                  "refusal.batch_size", "data.alignment_harmful", "data.alignment_harmless",
+                  "data.n_alignment_harmful", "data.n_alignment_harmless", "data.refusal_check"),
+          data=_teacher_data, upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
+          outputs=lambda wd, m: [wd.refusal_base, wd.teacher]),
+    Stage("refusal", refusal.run,
+          config=("seed", "model", "prompt", "teacher.init", "refusal", "data.task"),
+          data=_refusal_data, upstream=lambda cfg, m: [("teacher", None)],
+          needs=lambda cfg, wd, m: [(wd.refusal_base / "refusal_feature.json", "teacher"),
+                                    (wd.teacher_model / "config.json", "teacher")],
+          outputs=lambda wd, m: [wd.refusal]),
+    Stage("filter", filter_stage.run,
+          config=("seed", "model", "prompt", "filter", "refusal.val_harmful", "refusal.n_val"),
+          data=_filter_data, upstream=lambda cfg, m: [("teacher", None), ("refusal", None)],
+          needs=lambda cfg, wd, m: [(wd.refusal / "refusal_feature.json", "refusal"),
+                                    (wd.teacher_model / "config.json", "teacher")],
+          outputs=lambda wd, m: [wd.filter]),
+    Stage("finetune", finetune.finetune, config=("seed", "model", "prompt", "finetune"),
+          data=_finetune_data, upstream=_finetune_upstream,
+          needs=lambda cfg, wd, m: [
+              (wd.filter_report, "filter") if u == ("filter", None) else
+              (wd.teacher_model / "config.json", "teacher") for u in _finetune_upstream(cfg, m)],
+          outputs=lambda wd, m: [wd.method(m)], per_method=True),
+    Stage("evaluate", evaluate.evaluate, config=("seed", "model", "prompt", "eval", "data.task"),
+          data=_evaluate_data,
+          upstream=lambda cfg, m: [] if m == "base" else [("finetune", m)],
+          needs=lambda cfg, wd, m: [] if m == "base" else [
+              (wd.method_model(m) / "config.json", "finetune")],
+          outputs=lambda wd, m: [wd.method_eval(m), *wd.records.glob(f"{m}.*")],
+          per_method=True, finish=evaluate.report,
+          finish_outputs=lambda wd: [wd.eval_json, wd.report_md, wd.records,
+                                     *wd.root.glob("*.png")]),
+    Stage("generate", generate.run, config=("seed", "model", "prompt", "generate"),
+          data=lambda r, m: {"model": r.digests.model(r.cfg.model.name)},
+          upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
+          outputs=lambda wd, m: [wd.generations]),
 )}
 
 
-def done_marker(wd: Workdir, stage: str, cfg) -> dict | None:
-  """The stage's marker if it covers this config's methods (adding a method reruns the
-  per-method stages, which skip the methods already finished)."""
-  path = wd.marker(stage)
-  if not path.exists():
-    return None
-  done = read_json(path)
-  if STAGES[stage].per_method and not set(parse_methods(cfg.method)) <= set(
-      done.get("methods", [])):
-    return None
-  return done
+# ---------------------------------------------------------------------------------------------
+# Running
 
 
-def check_inputs(cfg, wd: Workdir, stages: Sequence[str]) -> None:
-  """Fails before any work when a stage's input is neither on disk nor made by an earlier stage."""
-  for i, name in enumerate(stages):
-    for path, producer in STAGES[name].inputs(cfg, wd):
-      if producer in stages[:i] or path.exists():
+def check_inputs(plan: Plan, requested: Sequence[str], pending: Sequence[Unit],
+                 doomed: set[Path]) -> None:
+  """Fails before any work when a pending unit's input is neither on disk (and current) nor made
+  by an earlier stage of this run."""
+  cfg, wd = plan.r.cfg, plan.r.wd
+  for unit in pending:
+    earlier = requested[:requested.index(unit[0])]
+    for path, producer in STAGES[unit[0]].needs(cfg, wd, unit[1]):
+      if producer in earlier:
         continue
-      raise FileNotFoundError(f"stage `{name}` needs {path}, which is missing: run the "
-                              f"`{producer}` stage first (--stages={producer},{name})")
+      if not path.exists() or any(path == d or d in path.parents for d in doomed):
+        state = "stale (its inputs changed)" if path.exists() else "missing"
+        raise FileNotFoundError(f"stage `{unit[0]}` needs {path}, which is {state}: run the "
+                                f"`{producer}` stage first (--stages={producer},{unit[0]})")
+
+
+def _remove(paths: Sequence[Path]) -> None:
+  for p in paths:
+    if p.is_dir():
+      shutil.rmtree(p)
+    elif p.exists():
+      p.unlink()
+
+
+def run(cfg, workdir: str | Path, stages: Sequence[str] | None = None,
+        force: Sequence[str] = ()) -> dict:
+  """Runs every asked-for unit whose fingerprint has no matching marker, in order; the config
+  must be validated (`refjax.config.validate`). Returns {stage: summary}."""
+  wd = Workdir(workdir)
+  requested = list(stages or cfg.stages)
+  for names, what in ((requested, "stage(s)"), ([f for f in force if f != "all"], "--force")):
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+      raise ValueError(f"unknown {what} {unknown}; expected some of {list(STAGES)}")
+  set_data_root(cfg.data.root)
+  r = Run(cfg, wd)
+  plan = Plan(r, STAGES, set(STAGES) if "all" in force else set(force))
+
+  on_disk = lambda u: plan.marker(u) is not None or wd.running(*u).exists()  # noqa: E731
+  units = {s: plan.units(s) for s in STAGES
+           if s in requested or any(on_disk(u) for u in plan.units(s))}
+  stale = [u for us in units.values() for u in us if on_disk(u) and not plan.valid(u)
+           and not _resumable(plan, u)]
+  pending = [u for s in requested for u in units[s] if not plan.valid(u)]
+  doomed = {p for u in stale for p in STAGES[u[0]].outputs(wd, u[1])}
+  check_inputs(plan, requested, pending, doomed)
+  summary_of = {s: _stage_summary(plan, s) for s in requested}
+  todo = [s for s in requested if any(u[0] == s for u in pending) or summary_of[s] is None]
+  if not (todo or stale) and _config_unchanged(wd, cfg):
+    log.info("every stage asked for is done and current; nothing to do")
+    return {s: summary_of[s] for s in requested}
+
+  with workdir_lock(wd.root) if jax.process_index() == 0 else _nothing():
+    for u in stale:
+      log.info("%s: %s; removing its artifacts %s", _key(u), plan.why(u),
+               [str(p) for p in STAGES[u[0]].outputs(wd, u[1]) if p.exists()])
+      if jax.process_index() == 0:
+        _remove([*STAGES[u[0]].outputs(wd, u[1]), wd.marker(*u), wd.running(*u)])
+    for s in {u[0] for u in stale} & {s for s in STAGES if STAGES[s].per_method}:
+      if jax.process_index() == 0:  # the stage's own record and report cover every method
+        _remove([wd.marker(s), *STAGES[s].finish_outputs(wd)])
+    _barrier("invalidate")
+    if jax.process_index() == 0:
+      write_json(wd.config_json, jsonable(cfg))
+    results = {}
+    for name in requested:
+      if name not in todo:
+        log.info("stage %s: done and current (%s); skipping", name, wd.marker(name))
+        results[name] = summary_of[name]
+        continue
+      results[name] = _run_stage(plan, name, [u for u in pending if u[0] == name])
+  return results
+
+
+def _run_stage(plan: Plan, name: str, pending: list[Unit]) -> dict:
+  r, stage = plan.r, STAGES[name]
+  log.info("stage %s: start", name)
+  t0 = time.time()
+  out = {}
+  for u in pending:
+    fp, inputs = plan.fingerprint(u)
+    log.info("%s: %s", _key(u), plan.why(u) if plan.marker(u) or r.wd.running(*u).exists()
+             else "not done yet")
+    _write_all([(r.wd.running(*u), {"fingerprint": fp, "inputs": inputs})])
+    t1 = time.time()
+    out[u[1]] = (stage.fn(r, u[1]) if stage.per_method else stage.fn(r)) or {}
+    _barrier(f"stage-{_key(u)}")  # every process sees the unit's files before the next reads them
+    _write_all([(r.wd.marker(*u), {"stage": name, "method": u[1], "fingerprint": fp,
+                                   "inputs": inputs, "summary": out[u[1]],
+                                   "seconds": round(time.time() - t1, 2)})])
+    _remove([r.wd.running(*u)] if jax.process_index() == 0 else [])
+  if not stage.per_method:
+    summary = out[None]
+  else:
+    summary = {m: out.get(m, (plan.marker((name, m)) or {}).get("summary", {}))
+               for m in stage.methods(r.cfg)}
+    if stage.finish is not None:
+      summary = {"methods": summary, **(stage.finish(r) or {})}
+    _barrier(f"stage-{name}")
+    _write_all([(r.wd.marker(name), {"stage": name, "fingerprint": _stage_fp(plan, name),
+                                     "summary": summary,
+                                     "seconds": round(time.time() - t0, 2)})])
+  log.info("stage %s: done in %.1fs", name, time.time() - t0)
+  return summary
+
+
+def _stage_fp(plan: Plan, name: str) -> str:
+  """A per-method stage's own fingerprint: its units' (the report covers exactly these)."""
+  return digest({_key(u): plan.fingerprint(u)[0] for u in plan.units(name)})
+
+
+def _stage_summary(plan: Plan, name: str) -> dict | None:
+  """The finished stage's summary, or None when it is not done for this config."""
+  if STAGES[name].per_method:
+    m = plan.marker((name, None))
+    ok = m is not None and m.get("fingerprint") == _stage_fp(plan, name) and all(
+        plan.valid(u) for u in plan.units(name))
+  else:
+    m = plan.marker((name, None))
+    ok = plan.valid((name, None))
+  return m.get("summary", {}) if ok else None
+
+
+def _resumable(plan: Plan, unit: Unit) -> bool:
+  """An interrupted unit (running record, no marker) with the same fingerprint resumes from its
+  checkpoints instead of being removed."""
+  if plan.marker(unit) is not None or plan.forced(unit):
+    return False
+  rec = read_or_none(plan.r.wd.running(*unit))
+  return rec is not None and rec.get("fingerprint") == plan.fingerprint(unit)[0]
+
+
+def _config_unchanged(wd: Workdir, cfg) -> bool:
+  return read_or_none(wd.config_json) == jsonable(cfg)
+
+
+def _write_all(items: Sequence[tuple[Path, Any]]) -> None:
+  if jax.process_index() == 0:
+    for path, obj in items:
+      write_json(path, obj)
+
+
+class _nothing:  # noqa: N801 - a null context manager for the processes that do not lock
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *exc):
+    return False
 
 
 def _barrier(name: str) -> None:
@@ -97,41 +323,4 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def run(cfg, workdir: str | Path, stages: Sequence[str] | None = None,
-        force: Sequence[str] = ()) -> dict:
-  """Runs each asked-for stage not already done, in order; the config must be validated
-  (`refjax.config.validate`). Writes the resolved config, a marker per finished stage."""
-  wd = Workdir(workdir)
-  stages = list(stages or cfg.stages)
-  unknown = [s for s in stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"unknown stage(s) {unknown}; expected some of {list(STAGES)}")
-  set_data_root(cfg.data.root)
-  force = set(stages) if "all" in force else set(force)
-  pending = [s for s in stages if s in force or done_marker(wd, s, cfg) is None]
-  check_inputs(cfg, wd, pending)
-  if jax.process_index() == 0:
-    write_json(wd.config_json, jsonable(cfg))
-  r = Run(cfg, wd)
-  methods = parse_methods(cfg.method)
-  results = {}
-  for name in stages:
-    done = done_marker(wd, name, cfg)
-    if done is not None and name not in force:
-      log.info("stage %s: already done (%s); skipping", name, wd.marker(name))
-      results[name] = done
-      continue
-    log.info("stage %s: start", name)
-    t0 = time.time()
-    summary = STAGES[name].fn(r) or {}
-    summary["methods"] = methods
-    summary["seconds"] = round(time.time() - t0, 2)
-    _barrier(f"stage-{name}")  # every process sees the stage's files before the next reads them
-    if jax.process_index() == 0:
-      write_json(wd.marker(name), summary)
-    log.info("stage %s: done in %.1fs", name, summary["seconds"])
-    results[name] = summary
-  return results
-
-
-__all__ = ["Stage", "STAGES", "run", "check_inputs", "done_marker"]
+__all__ = ["Stage", "STAGES", "Plan", "run", "check_inputs"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from refjax.files import write_json
+from refjax.files import read_jsonl, write_json, write_jsonl
 from refjax.method.features import model_hash, probe_feature
 from refjax.method.refusal import choose_layer, layer_window, separation
 from refjax.method.teacher import (FEATURE, feature_placeholder, refusal_update_hook,
@@ -48,9 +48,14 @@ def run(r: Run) -> dict:
   examples = r.sets.alignment()
   arrays = r.training_arrays(examples, fmt)
   data, batch_sh = make_iterator(arrays, r.plan, int(tc.train.batch_size), int(tc.train.seed))
-  history: list[dict] = []
+  history = wd.teacher / "refusal_updates.jsonl"
+
+  def keep(rec: dict) -> None:  # a resumed run replaces the records past its checkpoint
+    rows = read_jsonl(history, torn_tail_ok=True) if history.exists() else []
+    write_jsonl(history, [row for row in rows if row["step"] < rec["step"]] + [rec])
+
   hook = refusal_update_hook(train_graphdef(model), layer, probe_b, val_b, val_labels,
-                             int(tc.refusal_update_every), history)
+                             int(tc.refusal_update_every), keep)
   loss_fn = teacher_loss_fn(layer, float(tc.reg_weight), tc.reg_form, float(tc.reg_margin))
   trained, result = fit(tc, wd.teacher, model, loss_fn, data, batch_sh, r.plan,
                         extras={FEATURE: feature_placeholder(model)},
@@ -58,9 +63,10 @@ def run(r: Run) -> dict:
                         checkpoint_extras=(FEATURE,), hooks=(hook,))
   r.export(trained, tok, wd.teacher_model)
   r.drop_checkpoints(wd.teacher, tc.train.keep_checkpoints)
-  write_json(wd.refusal_updates, history)
+  updates = read_jsonl(history)
+  write_json(wd.refusal_updates, updates)
   write_json(wd.alignment_set, {"report": dataclasses.asdict(r.sets.alignment_report()),
                                 "ids": [e.id for e in examples]})
   return {"layer": layer, "base_auroc": layer_auroc[layer], "steps": result.step,
-          "final_loss": result.metrics.get("loss"), "refusal_updates": len(history),
+          "final_loss": result.metrics.get("loss"), "refusal_updates": len(updates),
           "n_alignment": len(examples)}

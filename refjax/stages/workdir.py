@@ -2,7 +2,8 @@
 markers, and the loader the notebook and the report read a finished run with.
 
     config.json                   the resolved config of the run that made these artifacts
-    stages/<stage>.done.json      a finished stage's summary
+    stages/<stage>.done.json      a finished stage's fingerprint, inputs and summary
+    stages/<stage>/<method>.done.json   the same for one method of a per-method stage
     refusal_base/                 the start model's refusal feature + per-layer AUROC + layer
     teacher/model/                the Ref-Teacher (HF dir); metrics.jsonl, refusal_updates.json
     refusal/                      the teacher's refusal feature, auroc.json, cosine_sets.npz
@@ -43,8 +44,16 @@ class Workdir:
   def config_json(self) -> Path:
     return self.root / "config.json"
 
-  def marker(self, stage: str) -> Path:
-    return self.root / "stages" / f"{stage}.done.json"
+  def marker(self, stage: str, method: str | None = None) -> Path:
+    """A finished unit's record: a stage, or one method of a per-method stage."""
+    if method is None:
+      return self.root / "stages" / f"{stage}.done.json"
+    return self.root / "stages" / stage / f"{method}.done.json"
+
+  def running(self, stage: str, method: str | None = None) -> Path:
+    """The record of a unit that started and has not finished (its fingerprint)."""
+    done = self.marker(stage, method)
+    return done.with_name(done.name.replace(".done.", ".running."))
 
   @property
   def generations(self) -> Path:

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--sleep", type=float, default=0.0, help="seconds slept before each step")
   p.add_argument("--nan_at_step", type=int, default=-1, help="poison the loss from this step on")
+  p.add_argument("--nan_grad_at_step", type=int, default=-1,
+                 help="from this step on, a finite loss with NaN gradients")
   p.add_argument("--params_out", default="", help="write the final params here (.npz; process 0 writes, every process must get it)")
   p.add_argument("--coordinator", default="", help="host:port of process 0 (jax.distributed)")
   p.add_argument("--num_processes", type=int, default=0)
@@ -54,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   import jax  # after argument parsing: XLA_FLAGS / JAX_* come from the caller's environment
+  import jax.numpy as jnp
   import ml_collections
+  from flax import nnx
 
   from refjax import parallel
   from refjax.parallel import distributed
@@ -106,29 +110,40 @@ def main(argv=None) -> int:
   rows = parallel.process_batch_rows(batch_shardings["tokens"], args.batch_size)
   data = data_lib.ArrayIterator(arrays, args.batch_size, seed=cfg.train.seed, rows=rows)
 
+  @jax.custom_vjp
+  def nan_grad(x, on):  # 0 in the forward pass; a NaN gradient for x when `on` is 1
+    return 0.0 * x
+
+  nan_grad.defvjp(lambda x, on: (0.0 * x, on),
+                  lambda on, ct: (jnp.where(on > 0, jnp.nan, 0.0) * ct, None))
+
   def loss_fn(model, batch, rng, extras):
     loss, aux = causal_lm_loss(model, batch, rng, extras)
-    return loss + extras["poison"], aux
+    params = sum(jnp.sum(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return loss + extras["poison"] + nan_grad(params, extras["grad_poison"]), aux
 
   rep = parallel.replicated(mesh)
   step_fn = train_step.make_train_step(
       loss_fn, graphdef, tx, state_shardings=shardings, batch_shardings=batch_shardings,
-      extra_shardings={"poison": rep}, grad_accum=cfg.optim.grad_accum, schedule=schedule)
+      extra_shardings={"poison": rep, "grad_poison": rep}, grad_accum=cfg.optim.grad_accum,
+      schedule=schedule)
   hooks = []
   if args.sleep > 0:
     hooks.append(loop.StepHook(1, lambda s, st, ex: time.sleep(args.sleep), "sleep"))
-  if args.nan_at_step >= 0:
-    def poison(s, st, ex):
-      if s + 1 == args.nan_at_step:  # the update that will be logged as step nan_at_step
-        return loop.HookResult(extras={"poison": jax.device_put(np.float32(np.nan), rep)})
-      return None
-    hooks.append(loop.StepHook(1, poison, "poison"))
+  for key, at, value in (("poison", args.nan_at_step, np.nan),
+                         ("grad_poison", args.nan_grad_at_step, 1.0)):
+    if at >= 0:
+      def poison(s, st, ex, key=key, at=at, value=value):
+        if s + 1 == at:  # the update that would be logged as step `at`
+          return loop.HookResult(extras={key: jax.device_put(np.float32(value), rep)})
+        return None
+      hooks.append(loop.StepHook(1, poison, key))
 
   eval_fn = None
   if args.eval_every:
     eval_step = train_step.make_eval_step(loss_fn, graphdef, state_shardings=shardings,
                                           batch_shardings=batch_shardings,
-                                          extra_shardings={"poison": rep})
+                                          extra_shardings={"poison": rep, "grad_poison": rep})
     eval_local = {k: v[-args.batch_size:][rows] for k, v in arrays.items()}
     eval_batch = parallel.host_to_global(eval_local, batch_shardings, args.batch_size)
     eval_fn = lambda state, extras: eval_step(state, eval_batch, extras)  # noqa: E731
@@ -138,7 +153,8 @@ def main(argv=None) -> int:
   result = loop.train(
       cfg, args.workdir, init_state=init, state_shardings=shardings, train_step=step_fn,
       data=data, batch_shardings=batch_shardings,
-      extras={"poison": jax.device_put(np.float32(0.0), rep)}, checkpoint_extras=("poison",),
+      extras={k: jax.device_put(np.float32(0.0), rep) for k in ("poison", "grad_poison")},
+      checkpoint_extras=("poison", "grad_poison"),
       hooks=hooks, eval_fn=eval_fn)
 
   if args.params_out:

@@ -3,8 +3,8 @@
 It owns the edges around the pure jitted step: resumable data, host -> global batches, progress
 bar, metrics (JSONL + TensorBoard), evaluation and step hooks, Orbax checkpoints (async, resumed
 automatically with data position, RNG, hook-updated step inputs and the resolved config),
-SIGTERM (save, then exit cleanly) and NaN/inf losses (stop, naming the step; the last good
-checkpoint stays).
+SIGTERM (save, then exit cleanly) and non-finite losses or gradients (the step drops the update;
+the loop stops naming the step; every checkpoint holds finite parameters).
 
 Step numbering: `step` is the number of optimizer updates done. Metrics of the update that takes
 the state from step s-1 to s are logged as step s; a checkpoint named s holds the state after s
@@ -85,7 +85,7 @@ class Preempted(SystemExit):
 
 
 class NonFiniteLoss(FloatingPointError):
-  """A NaN or inf loss; names the step; the newest checkpoint on disk is the last good one."""
+  """A NaN or inf loss or gradient; names the step; no update or checkpoint holds it."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,12 +290,15 @@ def train(
         # (shared/ENV.md), and the NaN check below needs the loss anyway.
         jax.block_until_ready((state, step_metrics))
         metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        step += 1
-        if not math.isfinite(metrics["loss"]):
+        if not metrics.get("applied", 1.0):
           manager.wait_until_finished()
-          raise NonFiniteLoss(f"loss is {metrics['loss']} at step {step} (the update from step "
-                              f"{step - 1}); stopped without saving it, the last good checkpoint "
-                              f"is step {manager.latest_step()} in {workdir / CHECKPOINT_DIR}")
+          raise NonFiniteLoss(
+              f"step {step + 1} (the update from step {step}) has loss {metrics['loss']} and "
+              f"gradient norm {metrics['grad_norm']}: the update was not applied and nothing was "
+              f"saved; the newest checkpoint (step {manager.latest_step()} in "
+              f"{workdir / CHECKPOINT_DIR}) holds finite parameters and resumes. Fix the cause "
+              "(e.g. lower optim.lr) and rerun")
+        step += 1
         now = time.perf_counter()
         metrics["tokens_per_s"] = batch["tokens"].size / max(now - t_prev, 1e-9)
         metrics["step_time_s"] = now - t_prev

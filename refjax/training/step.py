@@ -129,8 +129,10 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
                     schedule: optax.Schedule | None = None, donate: bool = True) -> Callable:
   """The jitted `(state, batch, extras) -> (state, metrics)`; state donated, extras not.
 
-  metrics: loss, grad_norm, param_norm, lr (with `schedule`), and loss_fn's aux (all replicated
-  fp32 scalars).
+  metrics: loss, grad_norm, param_norm, lr (with `schedule`), `applied` (1.0, or 0.0 when the
+  loss or any gradient was not finite: then the update is dropped and the old state returned,
+  step counter included, so a NaN never reaches the parameters), and loss_fn's aux (all
+  replicated fp32 scalars).
   """
   if int(grad_accum) < 1:
     raise ValueError(f"grad_accum={grad_accum}; expected >= 1")
@@ -145,12 +147,16 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
                                       batch_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params)}
+    grad_norm = optax.global_norm(grads)  # NaN/inf if any gradient entry is
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "param_norm": optax.global_norm(new_state.params),
+               "applied": finite.astype(jnp.float32)}
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in aux.items()})
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
   rep = NamedSharding(mesh, PartitionSpec())
