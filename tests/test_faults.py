@@ -183,13 +183,23 @@ def test_force_all_reruns_everything_with_the_new_learning_rate(copy):
 
 
 def test_corrupt_artifacts_are_named_and_redone(copy, caplog):
+  """A torn marker, a torn eval.json, a deleted model: each named, each unit redone."""
   wd, _, cfg = copy
   marker = Workdir(wd).marker("evaluate", "sft")
   marker.write_text(marker.read_text()[:20])  # a torn write
+  evaluation = Workdir(wd).method_eval("reft")
+  evaluation.write_text(evaluation.read_text()[:50])
   with caplog.at_level("WARNING"):
     out = run_pipeline(cfg, wd, stages=["evaluate"])
   assert str(marker) in caplog.text and "corrupt JSON" in caplog.text
+  assert str(evaluation) in caplog.text
   assert read_json(marker)["fingerprint"] and "sft" in out["evaluate"]["methods"]
+  assert read_json(evaluation)["harmful_score"]
+  shutil.rmtree(Workdir(wd).method_model("sft"))
+  with caplog.at_level("WARNING"):
+    run_pipeline(cfg, wd)
+  assert f"{Workdir(wd).method_model('sft') / 'config.json'} is missing" in caplog.text
+  assert (Workdir(wd).method_model("sft") / "model.safetensors").exists()
 
 
 def test_a_second_run_on_a_workdir_exits_at_once_naming_the_holder(base, tmp_path):

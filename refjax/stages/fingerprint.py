@@ -203,7 +203,22 @@ class Plan:
   def valid(self, unit: Unit) -> bool:
     m = self.marker(unit)
     return (m is not None and m.get("fingerprint") == self.fingerprint(unit)[0]
-            and not self.forced(unit))
+            and not self.forced(unit) and self.outputs_ok(unit))
+
+  def outputs_ok(self, unit: Unit) -> bool:
+    """The unit's recorded outputs are on disk and its JSON files parse (a torn or deleted
+    artifact makes the unit not done)."""
+    for path in self.stages[unit[0]].artifacts(self.r.wd, unit[1]):
+      if not path.exists():
+        log.warning("%s is missing; treating %s as not done", path, key(unit))
+        return False
+      if path.suffix == ".json":
+        try:
+          read_json(path)
+        except CorruptFile as e:
+          log.warning("%s; treating %s as not done", e, key(unit))
+          return False
+    return True
 
   def why(self, unit: Unit) -> str:
     if self.forced(unit):

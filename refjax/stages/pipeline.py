@@ -48,7 +48,8 @@ class Stage:
   method's marker is written as soon as it finishes) and finish(run) -> the stage's summary.
   config: config keys it reads. data(run, method) -> {name: content digest}. upstream(cfg, method)
   -> units it reads. needs(cfg, wd, method) -> (path, producing stage) pairs that must exist.
-  outputs(wd, method) -> paths it writes (removed when the unit is stale).
+  outputs(wd, method) -> paths it writes (removed when the unit is stale). artifacts(wd, method)
+  -> the files a finished unit must have (missing or torn = not done).
   """
 
   name: str
@@ -58,6 +59,7 @@ class Stage:
   upstream: Callable[[Any, str | None], list[Unit]]
   needs: Callable[[Any, Workdir, str | None], list[tuple[Path, str]]]
   outputs: Callable[[Workdir, str | None], list[Path]]
+  artifacts: Callable[[Workdir, str | None], list[Path]]
   per_method: bool = False
   finish: Callable[[Run], dict] | None = None
   finish_outputs: Callable[[Workdir], list[Path]] = lambda wd: []  # what `finish` writes
@@ -128,38 +130,46 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                   "refusal.batch_size", "data.alignment_harmful", "data.alignment_harmless",
                   "data.n_alignment_harmful", "data.n_alignment_harmless", "data.refusal_check"),
           data=_teacher_data, upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
-          outputs=lambda wd, m: [wd.refusal_base, wd.teacher]),
+          outputs=lambda wd, m: [wd.refusal_base, wd.teacher],
+          artifacts=lambda wd, m: [wd.refusal_base / "refusal_feature.json",
+                                   wd.teacher_model / "config.json", wd.refusal_updates]),
     Stage("refusal", refusal.run,
           config=("seed", "model", "prompt", "teacher.init", "refusal", "data.task"),
           data=_refusal_data, upstream=lambda cfg, m: [("teacher", None)],
           needs=lambda cfg, wd, m: [(wd.refusal_base / "refusal_feature.json", "teacher"),
                                     (wd.teacher_model / "config.json", "teacher")],
-          outputs=lambda wd, m: [wd.refusal]),
+          outputs=lambda wd, m: [wd.refusal],
+          artifacts=lambda wd, m: [wd.refusal / "refusal_feature.json", wd.auroc,
+                                   wd.cosine_sets]),
     Stage("filter", filter_stage.run,
           config=("seed", "model", "prompt", "filter", "refusal.val_harmful", "refusal.n_val"),
           data=_filter_data, upstream=lambda cfg, m: [("teacher", None), ("refusal", None)],
           needs=lambda cfg, wd, m: [(wd.refusal / "refusal_feature.json", "refusal"),
                                     (wd.teacher_model / "config.json", "teacher")],
-          outputs=lambda wd, m: [wd.filter]),
+          outputs=lambda wd, m: [wd.filter],
+          artifacts=lambda wd, m: [wd.filter_report, wd.filter_summary]),
     Stage("finetune", finetune.finetune, config=("seed", "model", "prompt", "finetune"),
           data=_finetune_data, upstream=_finetune_upstream,
           needs=lambda cfg, wd, m: [
               (wd.filter_report, "filter") if u == ("filter", None) else
               (wd.teacher_model / "config.json", "teacher") for u in _finetune_upstream(cfg, m)],
-          outputs=lambda wd, m: [wd.method(m)], per_method=True),
+          outputs=lambda wd, m: [wd.method(m)],
+          artifacts=lambda wd, m: [wd.method_model(m) / "config.json", wd.method_summary(m)],
+          per_method=True),
     Stage("evaluate", evaluate.evaluate, config=("seed", "model", "prompt", "eval", "data.task"),
           data=_evaluate_data,
           upstream=lambda cfg, m: [] if m == "base" else [("finetune", m)],
           needs=lambda cfg, wd, m: [] if m == "base" else [
               (wd.method_model(m) / "config.json", "finetune")],
           outputs=lambda wd, m: [wd.method_eval(m), *wd.records.glob(f"{m}.*")],
+          artifacts=lambda wd, m: [wd.method_eval(m)],
           per_method=True, finish=evaluate.report,
           finish_outputs=lambda wd: [wd.eval_json, wd.report_md, wd.records,
                                      *wd.root.glob("*.png")]),
     Stage("generate", generate.run, config=("seed", "model", "prompt", "generate"),
           data=lambda r, m: {"model": r.digests.model(r.cfg.model.name)},
           upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
-          outputs=lambda wd, m: [wd.generations]),
+          outputs=lambda wd, m: [wd.generations], artifacts=lambda wd, m: [wd.generations]),
 )}
 
 
