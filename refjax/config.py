@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "reft"  # one or several (comma-separated) of refjax.method.student.METHODS
   c.seed = 0
-  c.stages = ("teacher", "refusal", "filter", "finetune", "evaluate")  # run when --stages is unset
+  c.stages = ("teacher", "refusal", "filter", "distill", "finetune", "evaluate")  # default order
 
   # The base model: student init and (teacher_init="base") teacher init.
   c.model = ml_collections.ConfigDict(dict(
@@ -135,6 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
       kd_direction="forward",  # forward = KL(teacher || student); reverse = KL(student || teacher)
       align_ce_weight=0.0,  # extra CE on the alignment labels (0 = pure distillation)
       align_ratio=0.5,  # share of each batch's rows drawn from the alignment data
+      # KD from the teacher's top-k next-token distribution, computed once per run (stage
+      # `distill`; MaxText-style offline distillation); 0 = exact KD, the teacher in every step.
+      kd_topk=32,
+      epochs=0.0,  # passes over the (packed) user rows; 0 = train.steps steps instead
+      max_len=256,  # tokens per training example (user and alignment); longer ones are cut, counted
+      pack_len=256,  # tokens per packed row (several examples, attention kept per example)
   ))
   c.finetune.train = train_config(steps=200, batch_size=8)
   c.finetune.optim = optim_config(lr=2e-5)
@@ -211,8 +217,7 @@ def distributed_config() -> ml_collections.ConfigDict:
   """jax.distributed; empty fields fall back to the JAX_* environment variables."""
   c = ml_collections.ConfigDict()
   c.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS
-  c.num_processes = 0  # 0 = $JAX_NUM_PROCESSES
-  c.process_id = -1  # -1 = $JAX_PROCESS_ID
+  c.num_processes, c.process_id = 0, -1  # 0 / -1 = $JAX_NUM_PROCESSES / $JAX_PROCESS_ID
   # With nothing configured: let jax detect a cluster (TPU pod, SLURM, ...). Off by default so a
   # laptop or single VM never waits on cluster probes.
   c.auto_detect = False
@@ -261,6 +266,8 @@ _RULES = {
     "finetune.kd_weight": _at_least(0), "finetune.kd_temperature": (lambda v: v > 0, "> 0"),
     "finetune.kd_direction": _choice(KD_DIRECTIONS),
     "finetune.align_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "eval.judge": _choice(JUDGES),
+    "finetune.kd_topk": _at_least(0), "finetune.epochs": _at_least(0),
+    "finetune.max_len": _at_least(8), "finetune.pack_len": _at_least(8),
     "generate.max_new_tokens": _at_least(1), "generate.temperature": _at_least(0),
     **{f"{s}.train.{k}": r for s in ("teacher", "finetune") for k, r in _TRAIN_RULES.items()},
     **{f"{s}.optim.{k}": r for s in ("teacher", "finetune") for k, r in _OPTIM_RULES.items()},
@@ -301,6 +308,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e) if str(e).startswith("config.") else f"config.method: {e}") from None
   _check(c, _RULES)
+  if c.finetune.pack_len < c.finetune.max_len:
+    raise ConfigError(f"config.finetune.pack_len: {c.finetune.pack_len}; expected >= "
+                      f"finetune.max_len={c.finetune.max_len} (an example must fit a row)")
 
 
 def nearest_key(c: ml_collections.ConfigDict, dotted: str) -> str | None:

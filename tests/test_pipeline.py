@@ -17,6 +17,7 @@ STAGE_FILES = {
                 "teacher/metrics.jsonl", "teacher/refusal_updates.json"],
     "refusal": ["refusal/refusal_feature.npz", "refusal/auroc.json", "refusal/cosine_sets.npz"],
     "filter": ["filter/filter_report.jsonl", "filter/filter_summary.json"],
+    "distill": ["distill/targets.npz", "distill/summary.json"],
     "finetune": ["methods/reft/model/model.safetensors", "methods/sft/model/model.safetensors",
                  "methods/reft/finetune.json"],
     "evaluate": ["eval.json", "report.md", "hs_fa.png", "methods/base/eval.json"],

@@ -126,9 +126,44 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
         q25, med, q75 = np.percentile(arr, [25, 50, 75])
         lines.append(f"| {group or '–'} | {name} | {arr.size} | {med:.3f} | {q25:.3f} | "
                      f"{q75:.3f} |")
+  if results.get("cost"):
+    lines += [""] + cost_lines(results["cost"])
   if plots:
     lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
   return "\n".join(lines) + "\n"
+
+
+# What Ref-Teacher runs besides its own finetune: teacher preparation, its feature, the filter and
+# the cached teacher targets (plain SFT runs none of them).
+REFT_STAGES = ("teacher", "refusal", "filter", "distill")
+
+
+def cost_lines(costs: list[Mapping[str, Any]]) -> list[str]:
+  """The cost table (wall time, peak memory per stage and method) and Ref-Teacher's overhead
+  against plain SFT in time and memory."""
+  lines = ["## Cost per stage and method", "",
+           "| stage | method | wall time (s) | peak RSS (GiB) | device peak (GiB) |",
+           "|---|---|---:|---:|---:|"]
+  for c in costs:
+    lines.append(f"| {c['stage']} | {c.get('method') or '–'} | {c['seconds']:.0f} | "
+                 f"{_num(c.get('peak_rss_gib'))} | {_num(c.get('device_peak_gib'))} |")
+  unit = {(c["stage"], c.get("method")): c for c in costs}
+  reft, sft = unit.get(("finetune", "reft")), unit.get(("finetune", "sft"))
+  if reft and sft:
+    extra = [unit[(s, None)] for s in REFT_STAGES if (s, None) in unit]
+    t_reft = sum(c["seconds"] for c in extra) + reft["seconds"]
+    lines += ["", f"Ref-Teacher costs {t_reft:.0f} s ({', '.join(c['stage'] for c in extra)} and "
+              f"its finetune) against {sft['seconds']:.0f} s for plain SFT's finetune: "
+              f"{t_reft / max(sft['seconds'], 1e-9):.2f}x the time."]
+    mems = [c.get("peak_rss_gib") for c in extra + [reft]]
+    if sft.get("peak_rss_gib") and all(m is not None for m in mems):
+      lines.append(f"Peak RSS {max(mems):.2f} GiB against {sft['peak_rss_gib']:.2f} GiB: "
+                   f"{max(mems) / sft['peak_rss_gib']:.2f}x the memory.")
+  return lines
+
+
+def _num(x) -> str:
+  return "–" if x is None else f"{x:.2f}"
 
 
 def write_report(results: Mapping[str, Any], workdir: str | Path) -> dict[str, Path]:

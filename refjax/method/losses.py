@@ -19,6 +19,7 @@ REG_FORMS = ("one_minus_cos", "squared", "margin")
 KD_DIRECTIONS = ("forward", "reverse")
 DEFAULT_MARGIN = 0.5  # margin form: no loss once y·cos >= 0.5 (our default; the paper gives none)
 TINY = 1e-9  # the floor on a sum of weights
+TAIL_FLOOR = 1e-12  # the floor on the probability mass outside a top-k
 
 
 def safe_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -63,7 +64,8 @@ def causal_lm_loss(model: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
                    extras: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The plain finetuning loss_fn: token-weighted mean CE over the targets `loss_mask` marks."""
   del rng, extras
-  out = model(batch["tokens"], batch["attention_mask"])
+  packed = {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
+  out = model(batch["tokens"], batch["attention_mask"], **packed)
   loss, weight = mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
                                     batch["weights"])
   targets = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)
@@ -123,6 +125,40 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Arra
   return temperature ** 2 * safe_mean(kl, mask)
 
 
+def topk_targets(teacher_logits: jax.Array, k: int, temperature: float = 1.0
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The teacher's next-token distribution at temperature T, kept as its top k: (ids [...,k]
+  int32, log-probs [...,k], the log of the remaining mass [...]) (MaxText-style offline KD)."""
+  logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32)
+                            / temperature, axis=-1)
+  top, ids = jax.lax.top_k(logp, k)
+  return ids.astype(jnp.int32), top, _rest(top)
+
+
+def _rest(top_logp: jax.Array) -> jax.Array:
+  """log(1 - sum(exp(top))): the mass outside the top k (floored, so a full top-k stays finite)."""
+  return jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(top_logp), axis=-1), TAIL_FLOOR))
+
+
+def kd_topk_loss(student_logits: jax.Array, topk_ids: jax.Array, topk_logp: jax.Array,
+                 tail_logp: jax.Array, mask: jax.Array, *, temperature: float = 1.0,
+                 direction: str = "forward") -> jax.Array:
+  """`kd_loss` against cached teacher targets (`topk_targets`): both distributions are reduced to
+  the teacher's top k tokens plus one bucket for the rest, and KL is taken over those k + 1
+  outcomes. With k = the vocabulary it equals the exact KL."""
+  if direction not in KD_DIRECTIONS:
+    raise ValueError(f"kd_direction={direction!r}; expected one of {KD_DIRECTIONS}")
+  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  s_top = jnp.take_along_axis(log_s, topk_ids, axis=-1)
+  s_tail = _rest(s_top)
+  t_top, t_tail = topk_logp.astype(jnp.float32), tail_logp.astype(jnp.float32)
+  if direction == "forward":  # sum p_t (log p_t - log p_s)
+    kl = (jnp.sum(jnp.exp(t_top) * (t_top - s_top), -1) + jnp.exp(t_tail) * (t_tail - s_tail))
+  else:
+    kl = (jnp.sum(jnp.exp(s_top) * (s_top - t_top), -1) + jnp.exp(s_tail) * (s_tail - t_tail))
+  return temperature ** 2 * safe_mean(kl, mask)
+
+
 __all__ = ["safe_mean", "token_cross_entropy", "target_weights", "mean_cross_entropy",
-           "causal_lm_loss", "cosine_regulariser", "kd_loss", "REG_FORMS", "KD_DIRECTIONS",
-           "DEFAULT_MARGIN", "TINY"]
+           "causal_lm_loss", "cosine_regulariser", "kd_loss", "topk_targets", "kd_topk_loss",
+           "REG_FORMS", "KD_DIRECTIONS", "DEFAULT_MARGIN", "TINY"]

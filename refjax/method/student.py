@@ -3,10 +3,11 @@
 loss = CE(user rows) + kd * T² KL(teacher ‖ student)(alignment response tokens)
        + align_ce * CE(alignment rows)
 Each method is one `Method` entry: what it does to the data (filter the user data, align first)
-and the weights of its loss terms. The last `align_rows` rows of every batch are alignment rows;
-filtered user examples arrive with weight 0, so shapes never change. The frozen teacher is a
-named step input (`extras["teacher"]`: sharded, never donated, no optimizer state, under
-stop_gradient); the teacher runs on the alignment rows only.
+and the weights of its loss terms. A batch holds user rows and, under `align_*` keys, alignment
+rows (each group its own length; packed rows carry segment ids). The teacher's distribution is
+read from cached top-k targets in the batch, or from the frozen teacher itself, a named step input
+(`extras["teacher"]`: sharded, never donated, no optimizer state, under stop_gradient) run on the
+alignment rows only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
-from refjax.method.losses import kd_loss, mean_cross_entropy, target_weights
+from refjax.method.losses import kd_loss, kd_topk_loss, mean_cross_entropy, target_weights
 
 TEACHER = "teacher"  # the step input holding the frozen teacher's state
 
@@ -76,45 +77,60 @@ def parse_methods(text: str) -> list[str]:
   return names
 
 
-def student_loss_fn(align_rows: int, *, kd: float, align_ce: float, kd_temperature: float,
-                    kd_direction: str, teacher_graphdef: nnx.GraphDef | None = None):
+ALIGN = "align_"  # key prefix of the alignment rows in a student batch
+TARGETS = ("topk_ids", "topk_logp", "tail_logp")  # cached teacher targets (`topk_targets`)
+
+
+def _forward(model, batch, prefix: str = ""):
+  packed = {k: batch[prefix + k] for k in ("segment_ids", "positions") if prefix + k in batch}
+  return model(batch[prefix + "tokens"], batch[prefix + "attention_mask"], **packed)
+
+
+def student_loss_fn(*, kd: float, align_ce: float, kd_temperature: float, kd_direction: str,
+                    teacher_graphdef: nnx.GraphDef | None = None):
   """loss_fn(model, batch, rng, extras) for the shared train step.
 
-  The last `align_rows` rows (static) are alignment rows. With align_rows = 0 it is plain CE on
-  the (filter-weighted) user rows. kd > 0 needs `teacher_graphdef` and `extras[TEACHER]`.
+  batch: the user rows under the plain keys (tokens, attention_mask, loss_mask, weights, and for
+  packed rows segment_ids, positions; loss_mask may carry per-example weights) and, for methods
+  that use them, the alignment rows under `align_*` keys. KD reads the teacher's cached targets
+  (`align_topk_ids`, `align_topk_logp`, `align_tail_logp`) when the batch has them, else runs the
+  teacher (`extras[TEACHER]`, built from `teacher_graphdef`) on the alignment rows.
   """
-  if kd and teacher_graphdef is None:
-    raise ValueError("kd > 0 needs a teacher (teacher_graphdef)")
-  if (kd or align_ce) and not align_rows:
-    raise ValueError(f"kd={kd}, align_ce={align_ce} need alignment rows; got align_rows=0")
-
   def loss_fn(model, batch, rng, extras):
     del rng
-    tokens, mask, lm, w = (batch["tokens"], batch["attention_mask"], batch["loss_mask"],
-                           batch["weights"])
-    out = model(tokens, mask)
-    b = tokens.shape[0]
-    user = slice(0, b - align_rows)
-    ce_user, user_targets = mean_cross_entropy(out.logits[user], tokens[user], lm[user], w[user])
-    aux = {"ce_user": ce_user, "user_targets": user_targets}
+    out = _forward(model, batch)
+    ce_user, user_targets = mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
+                                               batch["weights"])
+    aux = {"ce/user": ce_user, "user_targets": user_targets}
     loss = ce_user
-    if align_rows:
-      al = slice(b - align_rows, b)
-      if kd:
-        teacher = nnx.merge(teacher_graphdef, extras[TEACHER])
-        t_logits = teacher(tokens[al], mask[al]).logits
-        # Alignment response tokens are the targets: the logits one position earlier predict them.
-        kd_term = kd_loss(out.logits[al], t_logits, target_weights(lm[al], w[al]),
-                          temperature=kd_temperature, direction=kd_direction)
-        loss = loss + kd * kd_term
-        aux["kd"] = kd_term
-      if align_ce:
-        ce_align, _ = mean_cross_entropy(out.logits[al], tokens[al], lm[al], w[al])
-        loss = loss + align_ce * ce_align
-        aux["ce_align"] = ce_align
+    if not (kd or align_ce):
+      return loss, aux
+    if ALIGN + "tokens" not in batch:
+      raise ValueError(f"kd={kd}, align_ce={align_ce} need alignment rows ({ALIGN}* keys)")
+    a = {k[len(ALIGN):]: v for k, v in batch.items() if k.startswith(ALIGN)}
+    out_a = _forward(model, a)
+    w = target_weights(a["loss_mask"], a["weights"])  # the logits at t predict token t+1
+    if kd:
+      if all(k in a for k in TARGETS):
+        kd_term = kd_topk_loss(out_a.logits, a["topk_ids"], a["topk_logp"], a["tail_logp"], w,
+                               temperature=kd_temperature, direction=kd_direction)
+      else:
+        if teacher_graphdef is None:
+          raise ValueError("kd > 0 needs cached teacher targets in the batch or a teacher "
+                           "(teacher_graphdef)")
+        t_logits = _forward(nnx.merge(teacher_graphdef, extras[TEACHER]), a).logits
+        kd_term = kd_loss(out_a.logits, t_logits, w, temperature=kd_temperature,
+                          direction=kd_direction)
+      loss = loss + kd * kd_term
+      aux["kd"] = kd_term
+    if align_ce:
+      ce_align, _ = mean_cross_entropy(out_a.logits, a["tokens"], a["loss_mask"], a["weights"])
+      loss = loss + align_ce * ce_align
+      aux["ce/align"] = ce_align
     return loss, aux
 
   return loss_fn
 
 
-__all__ = ["Method", "METHODS", "parse_methods", "student_loss_fn", "TEACHER"]
+__all__ = ["Method", "METHODS", "parse_methods", "student_loss_fn", "TEACHER", "ALIGN",
+           "TARGETS"]

@@ -43,8 +43,8 @@ def teacher_loss_fn(layer: int, reg_weight: float, reg_form: str = "one_minus_co
     w = batch["weights"].astype(jnp.float32) * (sign != 0)
     reg = cosine_regulariser(feats, feature, sign, w, form=reg_form, margin=margin)
     cos = cosine_scores(feats, jax.lax.stop_gradient(feature))
-    aux = {"ce": ce, "reg": reg, "cos_harmful": safe_mean(cos, w * (sign > 0)),
-           "cos_harmless": safe_mean(cos, w * (sign < 0))}
+    aux = {"ce": ce, "reg": reg, "reg/cos_harmful": safe_mean(cos, w * (sign > 0)),
+           "reg/cos_harmless": safe_mean(cos, w * (sign < 0))}
     return ce + reg_weight * reg, aux
 
   return loss_fn

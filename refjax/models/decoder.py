@@ -67,6 +67,14 @@ class Unstacked:
   head: jax.Array
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Position ids that restart at 0 at each segment's first token (packed rows, right padded)."""
+  t = jnp.arange(segment_ids.shape[-1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
 def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Position ids 0,1,2,... over the real tokens of each row, so left padding changes nothing."""
   mask = mask.astype(jnp.int32)
@@ -95,6 +103,7 @@ class Decoder(nnx.Module):
       attention_mask: jax.Array | None = None,
       *,
       positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
       hidden_positions: jax.Array | None = None,
       return_all_hidden: bool = False,
       return_logits: bool = True,
@@ -104,7 +113,9 @@ class Decoder(nnx.Module):
     """Runs tokens [B,T] (int) with attention_mask [B,T] (1 = real token).
 
     hidden_positions [B]: also return every layer's hidden state at that token of each row (the
-    refusal feature reads the last prompt token). With `cache`, the tokens fill slots
+    refusal feature reads the last prompt token). `segment_ids` [B,T] (packed rows: one id per
+    example, 0 on padding): a token attends only within its segment and positions restart per
+    segment. With `cache`, the tokens fill slots
     `cache.index ...` and attend to every valid earlier slot; the updated cache is returned.
     `unstacked` (from `self.unstack()`, made once outside a decode loop) runs the layers unrolled.
     """
@@ -113,8 +124,12 @@ class Decoder(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
     attention_mask = attention_mask.astype(jnp.int32)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) are for training passes, not cached decoding")
     if positions is None:
-      if cache is None:
+      if segment_ids is not None:
+        positions = positions_from_segments(segment_ids)
+      elif cache is None:
         positions = positions_from_mask(attention_mask)
       else:  # continue counting real tokens already in the cache
         positions = jnp.sum(cache.mask, -1, keepdims=True) + positions_from_mask(attention_mask)
@@ -123,6 +138,9 @@ class Decoder(nnx.Module):
 
     if cache is None:
       key_mask, q_slots, index = attention_mask, jnp.arange(t), None
+      if segment_ids is not None:  # [B,T,T]: same segment, and a real key
+        key_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
+            attention_mask[:, None, :] > 0)
     else:
       index = cache.index
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, index, axis=1)
@@ -209,5 +227,6 @@ def abstract_decoder(cfg: ModelConfig) -> Decoder:
   return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
-__all__ = ["Decoder", "DecoderOutput", "KVCache", "Unstacked", "positions_from_mask", "param_count",
+__all__ = ["Decoder", "DecoderOutput", "KVCache", "Unstacked", "positions_from_mask",
+           "positions_from_segments", "param_count",
            "abstract_decoder"]

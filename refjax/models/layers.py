@@ -123,7 +123,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x, positions, inv_freq, key_mask, q_slots, cache_kv=None, cache_index=None):
-    """x [B,T,D]; key_mask [B,S] valid key slots; q_slots [T] absolute slot of each query.
+    """x [B,T,D]; key_mask [B,S] valid key slots, or [B,T,S] the keys each query may see (packed
+    rows: its own segment only); q_slots [T] absolute slot of each query.
 
     Without a cache S == T and keys are this call's tokens. With `cache_kv=(k, v)` of
     [B,KV,S,Dh], this call's keys are written at `cache_index` and attention covers the cache.
@@ -150,7 +151,8 @@ class Attention(nnx.Module):
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
     causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [T,S]
-    allowed = causal[None] & key_mask[:, None, :].astype(bool)  # [B,T,S]
+    keys = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
+    allowed = causal[None] & keys.astype(bool)  # [B,T,S]
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # Contract into [B,KV,G,T,Dh] and transpose the small result: asking the dot for [B,T,...]

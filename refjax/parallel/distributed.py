@@ -78,13 +78,15 @@ def process_batch_rows(sharding: Sharding, global_batch_size: int) -> slice:
 
 
 def host_to_global(local: Mapping[str, np.ndarray], shardings: Mapping[str, Sharding],
-                   global_batch_size: int) -> dict[str, jax.Array]:
-  """Host-local rows (this process's `process_batch_rows`) -> global arrays [global_batch, ...]."""
+                   global_batch_size: int | Mapping[str, int]) -> dict[str, jax.Array]:
+  """Host-local rows (this process's `process_batch_rows`) -> global arrays [global_batch, ...];
+  `global_batch_size` is one size for every key, or a size per key."""
   out: dict[str, Any] = {}
   for key, value in local.items():
     if key not in shardings:
       raise KeyError(f"batch key {key!r} has no sharding; expected one of {sorted(shardings)}")
     value = np.asarray(value)
-    shape = (global_batch_size,) + value.shape[1:]
+    rows = global_batch_size if isinstance(global_batch_size, int) else global_batch_size[key]
+    shape = (rows,) + value.shape[1:]
     out[key] = jax.make_array_from_process_local_data(shardings[key], value, shape)
   return out

@@ -47,6 +47,9 @@ def report(r: Run) -> dict:
   for key, path in (("refusal", wd.auroc), ("filter", wd.filter_summary)):
     if path.exists():
       results[key] = read_json(path)
+  order = {s: i for i, s in enumerate(r.cfg.stages)}
+  results["cost"] = sorted(wd.costs(), key=lambda c: (order.get(c["stage"], len(order)),
+                                                      c.get("method") or ""))
   paths = write_report(results, wd.root)
   table = {m: {"hs": e.get("harmful_score", {}).get("harmful_score"),
                "fa": e.get("finetune_accuracy", {}).get("accuracy")}

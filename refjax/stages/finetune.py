@@ -8,16 +8,20 @@ methods) and the alignment set; writes methods/<method>/model/ and finetune.json
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 import numpy as np
 from flax import nnx
 
+from refjax.data.packing import Packed, pack
 from refjax.files import read_jsonl, write_json
 from refjax.method.losses import causal_lm_loss
-from refjax.method.student import METHODS, TEACHER, student_loss_fn
+from refjax.method.student import ALIGN, METHODS, TEACHER, student_loss_fn
 from refjax.models.loading import param_shardings
 from refjax.stages.context import Run
-from refjax.training.data import make_iterator
+from refjax.stages.distill import dense_targets, encode_alignment
+from refjax.training.data import make_grouped_iterator, make_iterator
 from refjax.training.fit import fit
 
 log = logging.getLogger(__name__)
@@ -45,38 +49,82 @@ def finetune(r: Run, name: str) -> dict:
   out = wd.method(name)
   model, tok, fmt = r.load()
   user = r.sets.user()
-  arrays = r.training_arrays(user, fmt)
-  kept = len(user)
-  if method.filter:  # dropped examples stay in the data with weight 0: shapes never change
-    arrays["weights"] = keep_weights(r, user, fmt)
-    kept = int(arrays["weights"].sum())
-  batch, seed = int(fc.train.batch_size), int(fc.train.seed)
+  weights = keep_weights(r, user, fmt) if method.filter else np.ones(len(user), np.float32)
+  max_len, rows_len, seed = int(fc.max_len), int(fc.pack_len), int(fc.train.seed)
+  enc_user = [fmt.encode(e.instruction, e.input, e.response, max_len=max_len) for e in user]
+  packed_user = pack(enc_user, weights, rows_len, fmt.pad_id, seed=seed)
+  batch = int(fc.train.batch_size)
+  stats = {"user": _stats(packed_user, enc_user, max_len)}
 
-  if method.pre_align:  # sa_ft: plain CE alignment of the base model first
-    data, sh = make_iterator(r.training_arrays(r.sets.alignment(), fmt), r.plan, batch, seed)
-    model, _ = fit(fc, out / "align", model, causal_lm_loss, data, sh, r.plan)
+  if method.pre_align:  # sa_ft: plain CE alignment of the base model first, one group of rows
+    enc_a = encode_alignment(r, fmt)
+    packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed)
+    stats["align"] = _stats(packed_a, enc_a, max_len)
+    phase = _with_steps(fc, _steps(fc, packed_a.rows, batch))
+    data, sh = make_iterator(_rows(packed_a), r.plan, batch, seed)
+    model, _ = fit(phase, out / "align", model, causal_lm_loss, data, sh, r.plan)
     r.drop_checkpoints(out / "align", fc.train.keep_checkpoints)
 
-  weights = method.weights(fc)
-  align, align_rows = None, 0
+  terms = method.weights(fc)
+  groups = {"": (_rows(packed_user), batch)}
   if method.uses_alignment_rows:
-    align = r.training_arrays(r.sets.alignment(), fmt)
     align_rows = max(1, int(round(float(fc.align_ratio) * batch)))
+    groups[""] = (_rows(packed_user), batch - align_rows)
+    enc_a = encode_alignment(r, fmt)
+    extra = None
+    if terms["kd"] and int(fc.kd_topk) > 0:  # the teacher's cached targets ride on the tokens
+      extra = dense_targets(r, enc_a, [e.id for e in r.sets.alignment()])
+    packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed, extra=extra)
+    stats["align"] = _stats(packed_a, enc_a, max_len)
+    groups[ALIGN] = (_rows(packed_a), align_rows)
   extras, extra_sh, teacher_graphdef = {}, {}, None
-  if weights["kd"]:
+  if terms["kd"] and int(fc.kd_topk) == 0:  # exact KD: the frozen teacher runs in the step
     teacher, _, _ = r.load(r.require(wd.teacher_model, "teacher"))
     teacher_graphdef, t_state = nnx.split(teacher)
     extras[TEACHER], extra_sh[TEACHER] = t_state, param_shardings(r.plan, teacher.cfg)
-  data, sh = make_iterator(arrays, r.plan, batch, seed, align, align_rows)
-  loss_fn = student_loss_fn(align_rows, kd=weights["kd"], align_ce=weights["align_ce"],
+  steps = _steps(fc, packed_user.rows, groups[""][1])
+  data, sh = make_grouped_iterator(groups, r.plan, seed)
+  loss_fn = student_loss_fn(kd=terms["kd"], align_ce=terms["align_ce"],
                             kd_temperature=float(fc.kd_temperature),
                             kd_direction=fc.kd_direction, teacher_graphdef=teacher_graphdef)
-  trained, result = fit(fc, out, model, loss_fn, data, sh, r.plan, extras=extras,
-                        extra_shardings=extra_sh)
+  trained, result = fit(_with_steps(fc, steps), out, model, loss_fn, data, sh, r.plan,
+                        extras=extras, extra_shardings=extra_sh)
   r.export(trained, tok, wd.method_model(name))
   summary = {"method": name, "steps": result.step, "final_loss": result.metrics.get("loss"),
-             "user_examples": len(user), "user_examples_kept": kept, "align_rows": align_rows,
-             "weights": weights}
+             "user_examples": len(user), "user_examples_kept": int((weights > 0).sum()),
+             "epochs": steps * groups[""][1] / max(packed_user.rows, 1),
+             "rows_per_step": {k or "user": v[1] for k, v in groups.items()},
+             "kd": ("cached top-%d targets" % int(fc.kd_topk) if int(fc.kd_topk) else
+                    "exact (teacher in the step)") if terms["kd"] else None,
+             "weights": terms, "packing": stats}
   write_json(wd.method_summary(name), summary)
   r.drop_checkpoints(out, fc.train.keep_checkpoints)  # last: a kill here loses nothing
   return summary
+
+
+def _rows(packed: Packed) -> dict[str, np.ndarray]:
+  """Packed rows as training arrays (each row weight 1: example weights ride on loss_mask)."""
+  return {**packed.arrays, "weights": np.ones(packed.rows, np.float32)}
+
+
+def _steps(fc, rows: int, rows_per_step: int) -> int:
+  """finetune.epochs passes over the rows when set (> 0), else finetune.train.steps."""
+  if float(fc.epochs) > 0:
+    return max(1, math.ceil(float(fc.epochs) * rows / rows_per_step))
+  return int(fc.train.steps)
+
+
+def _with_steps(fc, steps: int):
+  out = fc.copy_and_resolve_references()
+  with out.unlocked():
+    out.train.steps = int(steps)
+  return out
+
+
+def _stats(packed: Packed, enc, max_len: int) -> dict[str, Any]:
+  """What packing did: rows, padding before (one example per max_len row) and after."""
+  real = sum(len(e.ids) for e in enc)
+  return {"examples": len(enc), "packed_examples": packed.examples, "rows": packed.rows,
+          "truncated": int(sum(e.truncated for e in enc)), "max_len": max_len,
+          "padding_unpacked": round(1 - real / (len(enc) * max_len), 4) if enc else None,
+          "padding_packed": round(packed.padding, 4)}

@@ -4,7 +4,8 @@ upstream stages) and writes what, fingerprints, done markers, and the checks bef
     teacher   start model, alignment + probe sets  -> refusal_base/, teacher/
     refusal   teacher/model, refusal_base/          -> refusal/
     filter    teacher/model, refusal/, user data     -> filter/
-    finetune  base model, filter/, teacher/model     -> methods/<method>/  (per method)
+    distill   teacher/model, alignment set           -> distill/ (the teacher's top-k targets)
+    finetune  base model, filter/, distill/          -> methods/<method>/  (per method)
     evaluate  methods/<method>/model                 -> methods/<method>/eval.json (per method),
                                                         eval.json, report.md
     generate  (on demand) base model                 -> generations.json
@@ -31,9 +32,10 @@ import jax
 from refjax.data.paths import set_data_root
 from refjax.files import jsonable, write_json
 from refjax.method.student import METHODS, parse_methods
-from refjax.stages import evaluate, finetune, generate, refusal, teacher
+from refjax.stages import distill, evaluate, finetune, generate, refusal, teacher
 from refjax.stages import filter as filter_stage
 from refjax.stages.context import Run
+from refjax.stages.cost import metered
 from refjax.stages.fingerprint import Plan, Unit, config_part, digest, key as _key, read_or_none
 from refjax.stages.lock import workdir_lock
 from refjax.stages.workdir import Workdir
@@ -109,8 +111,13 @@ def _finetune_data(r: Run, method) -> dict[str, str]:
 
 def _finetune_upstream(cfg, method) -> list[Unit]:
   m = METHODS[method]
-  return ([("filter", None)] if m.filter else []) + (
-      [("teacher", None)] if m.weights(cfg.finetune)["kd"] else [])
+  kd = m.weights(cfg.finetune)["kd"]
+  source = "distill" if int(cfg.finetune.kd_topk) > 0 else "teacher"
+  return ([("filter", None)] if m.filter else []) + ([(source, None)] if kd else [])
+
+
+_PRODUCT = {"filter": lambda wd: wd.filter_report, "distill": lambda wd: wd.distill_targets,
+            "teacher": lambda wd: wd.teacher_model / "config.json"}
 
 
 def _evaluate_data(r: Run, method) -> dict[str, str]:
@@ -148,11 +155,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                     (wd.teacher_model / "config.json", "teacher")],
           outputs=lambda wd, m: [wd.filter],
           artifacts=lambda wd, m: [wd.filter_report, wd.filter_summary]),
+    Stage("distill", distill.run,
+          config=("seed", "model", "prompt", "finetune.kd_topk", "finetune.kd_temperature",
+                  "finetune.max_len", "finetune.kd_weight", "method"),
+          data=lambda r, m: {"alignment": r.digests.examples("alignment")},
+          upstream=lambda cfg, m: [("teacher", None)],
+          needs=lambda cfg, wd, m: [(wd.teacher_model / "config.json", "teacher")],
+          outputs=lambda wd, m: [wd.distill], artifacts=lambda wd, m: [wd.distill_targets]),
     Stage("finetune", finetune.finetune, config=("seed", "model", "prompt", "finetune"),
           data=_finetune_data, upstream=_finetune_upstream,
-          needs=lambda cfg, wd, m: [
-              (wd.filter_report, "filter") if u == ("filter", None) else
-              (wd.teacher_model / "config.json", "teacher") for u in _finetune_upstream(cfg, m)],
+          needs=lambda cfg, wd, m: [(_PRODUCT[u[0]](wd), u[0]) for u in _finetune_upstream(cfg, m)],
           outputs=lambda wd, m: [wd.method(m)],
           artifacts=lambda wd, m: [wd.method_model(m) / "config.json", wd.method_summary(m)],
           per_method=True),
@@ -261,12 +273,12 @@ def _run_stage(plan: Plan, name: str, pending: list[Unit]) -> dict:
     log.info("%s: %s", _key(u), plan.why(u) if plan.marker(u) or r.wd.running(*u).exists()
              else "not done yet")
     _write_all([(r.wd.running(*u), {"fingerprint": fp, "inputs": inputs})])
-    t1 = time.time()
-    out[u[1]] = (stage.fn(r, u[1]) if stage.per_method else stage.fn(r)) or {}
+    with metered() as cost:
+      out[u[1]] = (stage.fn(r, u[1]) if stage.per_method else stage.fn(r)) or {}
     _barrier(f"stage-{_key(u)}")  # every process sees the unit's files before the next reads them
     _write_all([(r.wd.marker(*u), {"stage": name, "method": u[1], "fingerprint": fp,
-                                   "inputs": inputs, "summary": out[u[1]],
-                                   "seconds": round(time.time() - t1, 2)})])
+                                   "inputs": inputs, "summary": out[u[1]], "cost": cost,
+                                   "seconds": cost["seconds"]})])
     _remove([r.wd.running(*u)] if jax.process_index() == 0 else [])
   if not stage.per_method:
     summary = out[None]

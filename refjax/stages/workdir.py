@@ -8,6 +8,7 @@ markers, and the loader the notebook and the report read a finished run with.
     teacher/model/                the Ref-Teacher (HF dir); metrics.jsonl, refusal_updates.json
     refusal/                      the teacher's refusal feature, auroc.json, cosine_sets.npz
     filter/                       filter_report.jsonl (every decision), filter_summary.json
+    distill/                      the teacher's top-k targets on the alignment responses
     methods/<method>/             model/, finetune.json, metrics.jsonl, eval.json
     eval.json report.md *.png records/   the evaluation report
 """
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 from refjax.evaluation.report import EVAL_JSON, RECORDS_DIR, REPORT_MD
-from refjax.files import read_json, read_jsonl, read_npz, write_json, write_npz
+from refjax.files import CorruptFile, read_json, read_jsonl, read_npz, write_json, write_npz
 from refjax.method.refusal import POSITION_RULE
 from refjax.training.loop import METRICS_FILE
 
@@ -106,6 +107,19 @@ class Workdir:
   def filter_summary(self) -> Path:
     return self.filter / "filter_summary.json"
 
+  # --- the teacher's cached distillation targets
+  @property
+  def distill(self) -> Path:
+    return self.root / "distill"
+
+  @property
+  def distill_targets(self) -> Path:
+    return self.distill / "targets.npz"
+
+  @property
+  def distill_summary(self) -> Path:
+    return self.distill / "summary.json"
+
   # --- methods
   def method(self, name: str) -> Path:
     return self.root / "methods" / name
@@ -131,6 +145,18 @@ class Workdir:
   @property
   def records(self) -> Path:
     return self.root / RECORDS_DIR
+
+  def costs(self) -> list[dict[str, Any]]:
+    """Every finished unit's cost (stage, method, seconds, peak memory), from its marker."""
+    rows = []
+    for path in sorted((self.root / "stages").rglob("*.done.json")):
+      try:
+        m = read_json(path)
+      except (CorruptFile, OSError):
+        continue
+      if "cost" in m:
+        rows.append({"stage": m.get("stage"), "method": m.get("method"), **m["cost"]})
+    return rows
 
   @property
   def notebook_figures(self) -> Path:

@@ -18,7 +18,10 @@ from refjax.parallel.plan import Parallel
 
 class DataIterator(Protocol):
   """Host-local batches, resumable by position: the batch at a position depends only on the
-  seed and the position, and `get_state`/`set_state` carry the position through checkpoints."""
+  seed and the position, and `get_state`/`set_state` carry the position through checkpoints.
+  `batch_sizes` gives every key's global rows per batch."""
+
+  batch_sizes: Mapping[str, int]
 
   def __next__(self) -> dict[str, np.ndarray]: ...
 
@@ -63,6 +66,11 @@ class ArrayIterator:
     start = (position % per_epoch) * self.batch_size
     return self._permutation(position // per_epoch)[start:start + self.batch_size]
 
+  @property
+  def batch_sizes(self) -> dict[str, int]:
+    """Global rows per batch of every key (what `host_to_global` builds)."""
+    return {k: self.batch_size for k in self.arrays}
+
   def __iter__(self):
     return self
 
@@ -80,58 +88,65 @@ class ArrayIterator:
     self.position = int(state["position"])
 
 
-class PairedIterator:
-  """Global batches whose first rows come from `first` and last rows from `second`.
+class GroupedIterator:
+  """Batches made of several groups of rows, each from its own ArrayIterator (own rows, lengths
+  and seed), their keys prefixed with the group's name ("" keeps the keys as they are): e.g. user
+  rows and alignment rows of different lengths in one optimizer step."""
 
-  Each row carries `is_second` (0/1). Both sub-iterators draw whole global batches (resumable by
-  position); this process keeps its `rows` of the concatenation.
-  """
+  def __init__(self, groups: Mapping[str, ArrayIterator]):
+    self.groups = dict(groups)
+    keys = [p + k for p, it in self.groups.items() for k in it.arrays]
+    if len(set(keys)) != len(keys):
+      raise ValueError(f"group keys collide: {sorted(keys)}")
 
-  def __init__(self, first: ArrayIterator, second: ArrayIterator, rows: slice | None = None):
-    self.first, self.second, self.rows = first, second, rows
+  @property
+  def batch_sizes(self) -> dict[str, int]:
+    return {p + k: n for p, it in self.groups.items() for k, n in it.batch_sizes.items()}
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    a, b = next(self.first), next(self.second)
-    out = {k: np.concatenate([a[k], b[k]]) for k in a}
-    out["is_second"] = np.concatenate([np.zeros(len(a["tokens"]), np.int32),
-                                       np.ones(len(b["tokens"]), np.int32)])
-    return {k: v[self.rows] for k, v in out.items()} if self.rows is not None else out
+    return {p + k: v for p, it in self.groups.items() for k, v in next(it).items()}
 
   def get_state(self) -> dict[str, Any]:
-    return {"first": self.first.get_state(), "second": self.second.get_state()}
+    return {p: it.get_state() for p, it in self.groups.items()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    self.first.set_state(state["first"])
-    self.second.set_state(state["second"])
+    for p, it in self.groups.items():
+      it.set_state(state[p])
 
 
 def batch_shapes(arrays: Mapping[str, np.ndarray], batch_size: int) -> dict[str, tuple]:
   return {k: (batch_size,) + tuple(v.shape[1:]) for k, v in arrays.items()}
 
 
-def make_iterator(arrays: Mapping[str, np.ndarray], par: Parallel, batch_size: int, seed: int,
-                  second: Mapping[str, np.ndarray] | None = None, second_rows: int = 0):
-  """A resumable iterator over `arrays` (and `second_rows` rows of `second` per batch).
-
-  Returns (iterator, batch shardings); each process reads only its rows of each global batch.
-  """
-  total = batch_size
-  shapes = batch_shapes(arrays, total)
-  if second is not None and second_rows:
-    shapes["is_second"] = (total,)
+def _sharded(arrays: Mapping[str, np.ndarray], plan: Parallel, batch_size: int, seed: int
+             ) -> tuple[ArrayIterator, dict[str, Any]]:
+  shapes = batch_shapes(arrays, batch_size)
   shardings = rules_lib.batch_shardings(
-      {k: jax.ShapeDtypeStruct(s, np.int32) for k, s in shapes.items()}, par.mesh, par.rules)
-  rows = process_batch_rows(next(iter(shardings.values())), total)
-  if second is None or not second_rows:
-    return ArrayIterator(arrays, total, seed=seed, rows=rows), shardings
-  if not 0 < second_rows < total:
-    raise ValueError(f"second_rows={second_rows}; expected 0 < rows < batch_size={total}")
-  it = PairedIterator(ArrayIterator(arrays, total - second_rows, seed=seed),
-                      ArrayIterator(second, second_rows, seed=seed + 1), rows=rows)
-  return it, shardings
+      {k: jax.ShapeDtypeStruct(s, np.int32) for k, s in shapes.items()}, plan.mesh, plan.rules)
+  rows = process_batch_rows(next(iter(shardings.values())), batch_size)
+  return ArrayIterator(arrays, batch_size, seed=seed, rows=rows), shardings
 
 
-__all__ = ["DataIterator", "ArrayIterator", "PairedIterator", "batch_shapes", "make_iterator"]
+def make_iterator(arrays: Mapping[str, np.ndarray], plan: Parallel, batch_size: int, seed: int):
+  """A resumable iterator over `arrays` and the batch shardings; each process reads only its rows
+  of each global batch."""
+  return _sharded(arrays, plan, batch_size, seed)
+
+
+def make_grouped_iterator(groups: Mapping[str, tuple[Mapping[str, np.ndarray], int]],
+                          plan: Parallel, seed: int):
+  """{prefix: (arrays, rows per batch)} -> (GroupedIterator, shardings of every prefixed key);
+  group i draws with seed + i."""
+  iterators, shardings = {}, {}
+  for i, (prefix, (arrays, rows)) in enumerate(groups.items()):
+    it, sh = _sharded(arrays, plan, rows, seed + i)
+    iterators[prefix] = it
+    shardings.update({prefix + k: v for k, v in sh.items()})
+  return GroupedIterator(iterators), shardings
+
+
+__all__ = ["DataIterator", "ArrayIterator", "GroupedIterator", "batch_shapes", "make_iterator",
+           "make_grouped_iterator"]

@@ -284,7 +284,8 @@ def train(
               extras.update(out.extras)
               hook_metrics.update({f"{hook.name}/{k}": float(v) for k, v in out.metrics.items()})
         local = next(data)
-        batch = host_to_global(local, batch_shardings, int(tc.batch_size))
+        sizes = getattr(data, "batch_sizes", None) or int(tc.batch_size)
+        batch = host_to_global(local, batch_shardings, sizes)
         state, step_metrics = train_step(state, batch, extras)
         # Block on every step: fake CPU devices deadlock on back-to-back collectives
         # (shared/ENV.md), and the NaN check below needs the loss anyway.
@@ -300,7 +301,8 @@ def train(
               "(e.g. lower optim.lr) and rerun")
         step += 1
         now = time.perf_counter()
-        metrics["tokens_per_s"] = batch["tokens"].size / max(now - t_prev, 1e-9)
+        tokens = sum(v.size for k, v in batch.items() if k.endswith("tokens"))
+        metrics["tokens_per_s"] = tokens / max(now - t_prev, 1e-9)
         metrics["step_time_s"] = now - t_prev
         t_prev = now
         metrics.update(hook_metrics)
