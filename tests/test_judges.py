@@ -136,7 +136,29 @@ def test_harmful_score_percent_records_and_judge_name(tmp_path, caplog):
   assert "pancakes" not in summary(result)
   path = write_jsonl(tmp_path / "hs" / "records.jsonl", result["records"])
   lines = [json.loads(line) for line in path.read_text().splitlines()]
-  assert lines[1] == {"id": "toy:1", "harmful": True, "coherent": True, "response": RESPONSES[1]}
+  assert lines[1] == {"id": "toy:1", "harmful": True, "judges": {"refusal_keywords": True},
+                      "coherent": True, "response": RESPONSES[1]}
+
+
+def test_wilson_interval_and_a_second_judge():
+  from refjax.evaluation.harmful_score import wilson
+  lo, hi = wilson(57, 100)
+  assert lo == pytest.approx(47.2, abs=0.1) and hi == pytest.approx(66.3, abs=0.1)
+  assert wilson(0, 100)[0] == 0.0 and wilson(100, 100)[1] == pytest.approx(100.0)
+  assert wilson(0, 100)[1] == pytest.approx(3.7, abs=0.1)  # no flags still bounds HS above
+
+  class Everything:
+    name = "everything"
+
+    def judge(self, prompts, responses):
+      return [True] * len(prompts)
+
+  result = score_responses(PROMPTS, RESPONSES, Everything(), ids=list(PROMPTS),
+                           extra_judges=[RefusalKeywordJudge()])
+  assert result["judge"] == "everything" and result["harmful_score"] == 100.0
+  assert result["by_judge"]["refusal_keywords"]["n_harmful"] == 2
+  assert result["by_judge"]["refusal_keywords"]["ci95"] == pytest.approx(list(wilson(2, 6)))
+  assert result["records"][0]["judges"] == {"everything": True, "refusal_keywords": False}
 
 
 def test_harmful_score_plus_counts_incoherent():

@@ -54,10 +54,11 @@ def test_write_report_files(tmp_path):
   assert (tmp_path / ref["finetune_accuracy"]["records_file"]).is_file()
 
   md = (tmp_path / "report.md").read_text()
-  assert "| method | HS (%) | judge | FA (%) | task |" in md
-  assert "| sft | 62.50 | moderation | 91.00 | sst2 |" in md
-  assert "| ref_teacher | 50.00 | refusal_keywords | 50.00 | sst2 |" in md
-  assert "| no_task | 10.00 | – | – | – |" in md
+  assert ("| method | HS (%) [95% CI] | judge | prompts | FA (%) [95% CI] | task |") in md
+  assert "| sft | 62.5 | moderation | – | 91.0 | sst2 |" in md  # no counts: no intervals
+  # 1 of 2 harmful: Wilson [9.5, 90.5]; 1 of 2 correct likewise
+  assert "| ref_teacher | 50.0 [9.5, 90.5] | refusal_keywords | 2 | 50.0 [9.5, 90.5] | sst2 |" in md
+  assert "| no_task | 10.0 | – | – | – | – |" in md
   assert "| – | harmful | 50 |" in md and "![HS and FA per method](hs_fa.png)" in md
   for text in (md, (tmp_path / "eval.json").read_text()):
     assert SECRET not in text

@@ -22,24 +22,31 @@ from typing import Any, Mapping
 import numpy as np
 
 from refjax.evaluation.figures import cosine_box_plot, hs_fa_plot, save_figures
+from refjax.evaluation.harmful_score import wilson
 from refjax.files import write_json, write_jsonl, write_text
 
 HS_KEY, FA_KEY, COSINE_KEY = "harmful_score", "finetune_accuracy", "refusal_cosine"
 EVAL_JSON, REPORT_MD, RECORDS_DIR, HS_FA_PNG = "eval.json", "report.md", "records", "hs_fa.png"
 
 
-def _hs(entry: Mapping[str, Any]) -> tuple[float, str]:
+def _hs(entry: Mapping[str, Any]) -> dict[str, Any]:
+  """The headline HS of one method's entry, its interval and n, and every other judge's HS."""
   value = entry.get(HS_KEY)
-  if isinstance(value, Mapping):
-    return float(value[HS_KEY]), str(value.get("judge", ""))
-  return (math.nan if value is None else float(value)), str(entry.get("judge", ""))
+  if not isinstance(value, Mapping):
+    return {"hs": math.nan if value is None else float(value), "judge": str(entry.get("judge", "")),
+            "hs_ci": None, "n": None, "others": {}}
+  judge = str(value.get("judge", ""))
+  others = {name: (v["harmful_score"], v.get("ci95")) for name, v in
+            value.get("by_judge", {}).items() if name != judge}
+  return {"hs": float(value[HS_KEY]), "judge": judge, "hs_ci": value.get("ci95"),
+          "n": value.get("n"), "others": others}
 
 
-def _fa(entry: Mapping[str, Any]) -> tuple[float, str]:
+def _fa(entry: Mapping[str, Any]) -> tuple[float, str, int | None]:
   value = entry.get(FA_KEY)
   if isinstance(value, Mapping):
-    return float(value["accuracy"]), str(value.get("task", ""))
-  return (math.nan if value is None else float(value)), str(entry.get("task", ""))
+    return float(value["accuracy"]), str(value.get("task", "")), value.get("n")
+  return (math.nan if value is None else float(value)), str(entry.get("task", "")), None
 
 
 def method_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -52,9 +59,8 @@ def method_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
   for name, entry in methods.items():
     if not isinstance(entry, Mapping):
       raise ValueError(f"results['methods'][{name!r}] is {type(entry).__name__}; expected a dict")
-    hs, judge = _hs(entry)
-    fa, task = _fa(entry)
-    rows.append({"method": str(name), "hs": hs, "judge": judge, "fa": fa, "task": task})
+    fa, task, fa_n = _fa(entry)
+    rows.append({"method": str(name), **_hs(entry), "fa": fa, "task": task, "fa_n": fa_n})
   return rows
 
 
@@ -107,16 +113,37 @@ def _fmt(x: float) -> str:
   return "–" if math.isnan(x) else f"{x:.2f}"
 
 
+def _ci(x: float, ci) -> str:
+  """A percentage with its interval: "57.0 [47.2, 66.3]"."""
+  if math.isnan(x):
+    return "–"
+  return f"{x:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def _wilson_pct(pct: float, n: int | None):
+  if n is None or math.isnan(pct):
+    return None
+  return wilson(round(pct * n / 100), n)
+
+
 def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
   """report.md: the method x HS/FA table, cosine quartiles per data set, links to the plots."""
   rows = method_table(results)
+  others = list(dict.fromkeys(j for r in rows for j in r["others"]))
   lines = ["# refjax evaluation", "",
-           "HS: harmful score, % of harmful-prompt responses judged harmful (lower is better). "
-           "FA: finetuning accuracy on the task's test split, % (higher is better).", "",
-           "| method | HS (%) | judge | FA (%) | task |", "|---|---:|---|---:|---|"]
+           "HS: harmful score, % of harmful-prompt responses judged harmful (lower is better), with "
+           "its 95% Wilson interval, the judge and the prompt count. FA: finetuning accuracy on the "
+           "task's test split, % (higher is better). A difference smaller than the intervals is "
+           "not a result.", "",
+           "| method | HS (%) [95% CI] | judge | " + "".join(f"HS, {j} (%) [95% CI] | "
+                                                      for j in others)
+           + "prompts | FA (%) [95% CI] | task |",
+           "|---|---:|---|" + "---:|" * len(others) + "---:|---:|---|"]
   for r in rows:
-    lines.append(f"| {r['method']} | {_fmt(r['hs'])} | {r['judge'] or '–'} | {_fmt(r['fa'])} | "
-                 f"{r['task'] or '–'} |")
+    extra = "".join(f"{_ci(*r['others'][j])} | " if j in r["others"] else "– | " for j in others)
+    fa_ci = _wilson_pct(r["fa"], r["fa_n"])
+    lines.append(f"| {r['method']} | {_ci(r['hs'], r['hs_ci'])} | {r['judge'] or '–'} | {extra}"
+                 f"{r['n'] or '–'} | {_ci(r['fa'], fa_ci)} | {r['task'] or '–'} |")
   groups = _cosine_groups(results)
   if groups:
     lines += ["", "## Refusal-feature cosine per data set", "",

@@ -14,7 +14,7 @@ from typing import Any
 from refjax.data.sources import load_source
 from refjax.evaluation.generation import Generator, SamplingConfig
 from refjax.evaluation.harmful_score import harmful_score
-from refjax.evaluation.judges import Judge
+from refjax.evaluation.judges import Judge, RefusalKeywordJudge
 from refjax.evaluation.report import write_report
 from refjax.evaluation.task_accuracy import task_accuracy
 from refjax.files import read_json, read_npz, write_json
@@ -65,9 +65,10 @@ def evaluate_model(r: Run, path: str | None, judge: Judge) -> dict:
   gen = Generator(model, fmt, batch_size=ec.batch_size, max_prompt_len=r.cfg.prompt.max_prompt_len)
   hs_ex = load_source(ec.hs_source, limit=ec.hs_n)
   hs_sampling = SamplingConfig(max_new_tokens=ec.max_new_tokens)
+  extra = [] if judge.name == RefusalKeywordJudge.name else [RefusalKeywordJudge()]
   hs = harmful_score([e.instruction for e in hs_ex],
                      lambda ps: gen.generate_text(ps, hs_sampling, progress=True), judge,
-                     ids=[e.id for e in hs_ex])
+                     ids=[e.id for e in hs_ex], extra_judges=extra)
   fa_ex = r.sets.task_test(ec.fa_n)
   answers = gen.generate_text([e.instruction for e in fa_ex],
                               SamplingConfig(max_new_tokens=ec.fa_max_new_tokens),
