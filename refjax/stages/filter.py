@@ -21,16 +21,34 @@ from refjax.stages.context import Run
 from refjax.stages.workdir import load_refusal_feature
 
 
+class Scorer:
+  """A prepared teacher as a filter: its model, prompt format and refusal feature, scoring any
+  examples by cos(f_l(x), R_l) exactly as the stage scores user prompts."""
+
+  def __init__(self, r: Run):
+    self.r = r
+    self.art = load_refusal_feature(r.require(r.wd.refusal, "refusal"))
+    self.teacher, _, self.fmt = r.load(r.require(r.wd.teacher_model, "teacher"))
+
+  def __call__(self, examples: Sequence[Any]) -> np.ndarray:
+    return score_prompts(self.teacher, examples, self.fmt, self.art.layer, self.art.direction,
+                         batch_size=self.r.cfg.filter.batch_size,
+                         max_len=self.r.cfg.prompt.max_prompt_len)
+
+  def write(self, report_path, summary_path, examples, scores, keep, threshold, calibration=None):
+    """The decision report and summary for `examples` (bound to the text scored)."""
+    fmt = self.fmt
+    return write_decisions(
+        report_path, summary_path, examples, scores, keep, threshold, layer=self.art.layer,
+        calibration=calibration,
+        text_sha256=[fmt.scored_digest(e.instruction, e.input, e.response) for e in examples],
+        markers=[template_markers(e.instruction, e.input) for e in examples])
+
+
 def run(r: Run) -> dict:
   cfg, wd = r.cfg, r.wd
-  art = load_refusal_feature(r.require(wd.refusal, "refusal"))
-  teacher, _, fmt = r.load(r.require(wd.teacher_model, "teacher"))
   fc = cfg.filter
-
-  def score(examples):
-    return score_prompts(teacher, examples, fmt, art.layer, art.direction,
-                         batch_size=fc.batch_size, max_len=cfg.prompt.max_prompt_len)
-
+  score = Scorer(r)
   user = r.sets.user()
   scores = score(user)
   calibration = None
@@ -42,11 +60,8 @@ def run(r: Run) -> dict:
   else:
     threshold = float(fc.threshold)
   keep = apply_filter(user, scores, threshold)
-  summary = write_decisions(
-      wd.filter_report, wd.filter_summary, user, scores, keep, threshold, layer=art.layer,
-      calibration=calibration,
-      text_sha256=[fmt.scored_digest(e.instruction, e.input, e.response) for e in user],
-      markers=[template_markers(e.instruction, e.input) for e in user])
+  summary = score.write(wd.filter_report, wd.filter_summary, user, scores, keep, threshold,
+                        calibration)
   return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
 
