@@ -64,12 +64,17 @@ def mtimes(wd: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, shared_data_dir):
-  """A finished tiny run: (workdir, data root, config)."""
+def base(tmp_path_factory, tiny_workdir):
+  """A finished tiny run on a linked data root: (workdir, data root, config). It is the shared
+  tiny run's workdir copied: fingerprints digest content, not paths, so nothing reruns."""
   root = linked_data_root(tmp_path_factory.mktemp("base") / "data")
-  wd = tmp_path_factory.mktemp("base_wd")
+  wd = tmp_path_factory.mktemp("base_wd") / "wd"
+  shutil.copytree(tiny_workdir[0], wd, symlinks=True)
   cfg = tiny_cfg(root)
+  before = mtimes(wd)
   run_pipeline(cfg, wd)
+  same = lambda d: {k: v for k, v in d.items() if k not in ("config.json", ".lock")}  # noqa: E731
+  assert same(mtimes(wd)) == same(before)  # the data root moved: nothing reran
   return wd, root, cfg
 
 
