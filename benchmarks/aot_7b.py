@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
   from refjax import config as config_lib
   from refjax import parallel
-  from refjax.method.losses import causal_lm_loss, token_cross_entropy
+  from refjax.method.losses import token_cross_entropy
   from refjax.models import Decoder, ModelConfig
   from refjax.training import optim
   from refjax.training import state as train_state

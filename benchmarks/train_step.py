@@ -169,7 +169,7 @@ def jax_step(cfg_hf: dict, arrays: dict, lora_rank: int):
 
   from refjax import config as config_lib
   from refjax import parallel
-  from refjax.method.losses import causal_lm_loss, token_cross_entropy
+  from refjax.method.losses import causal_lm_loss
   from refjax.models import Decoder, ModelConfig
   from refjax.training import optim
   from refjax.training import state as train_state

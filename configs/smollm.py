@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.prompt.stop_tokens = ("<|im_end|>",)
   c.prompt.max_len = 128
   c.prompt.max_prompt_len = 128
-  c.method = "sft,sa_ft,joint,reft,filter_only,distill_only"
+  c.method = "sft,sa_ft,joint,judge_filter,reft,filter_only,distill_only"
   c.data.task = "sst2"
   c.data.user_n = 600
   c.data.harmful_ratio = 0.1
@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.finetune.optim.update(lr=1e-4, warmup_steps=3)
   c.eval.update(hs_n=100, fa_n=100, max_new_tokens=32, fa_max_new_tokens=4, batch_size=32)
   if a["quick"]:
-    c.method = "reft,sft"
+    c.method = "reft,sft,judge_filter"
     c.prompt.max_len = 64
     c.prompt.max_prompt_len = 64
     c.data.user_n = 40
@@ -50,4 +50,8 @@ def get_config(arg=None):
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.filter.n_calibration = 16
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
+    # a smaller judge (its own cache entry): the same recipe on a quarter of the pairs
+    c.judge.update(n_harmful=200, n_safe_beavertails=100, n_safe_stl=50, n_helpful=25,
+                   n_non_answer=200, n_validation=16)
+    c.judge.train.update(steps=200)
   return c

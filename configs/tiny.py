@@ -11,7 +11,7 @@ def get_config(arg=None):
   parse_arg(arg, {}, where="configs/tiny.py")  # no variants
   c = base_config()
   c.model.name = "tiny"
-  c.method = "reft,sft"
+  c.method = "reft,sft,judge_filter"
   c.prompt.max_len = 128
   c.prompt.max_prompt_len = 128
   c.generate.max_new_tokens = 8
@@ -36,4 +36,10 @@ def get_config(arg=None):
                           progress_bar=False)
   c.finetune.optim.update(lr=1e-3)
   c.eval.update(hs_n=8, fa_n=8, max_new_tokens=8, fa_max_new_tokens=4, batch_size=8)
+  # The QA judge on the tiny backbone: a few pairs, a few validation prompts (a random model
+  # judges nothing well; this checks the machinery, not the figures).
+  c.judge.update(backbone="tiny", layers=(1, 2), hidden=8, prompt_tokens=32, response_tokens=32,
+                 n_harmful=16, n_safe_beavertails=8, n_safe_stl=4, n_helpful=4, n_non_answer=16,
+                 calib_percent=25, n_validation=4)
+  c.judge.train.update(steps=20, log_every=10)
   return c

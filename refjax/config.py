@@ -19,12 +19,12 @@ import ml_collections
 from refjax.data.prompts import TEMPLATES
 from refjax.data.sources import SOURCES, TASKS
 from refjax.evaluation.judging import JUDGES
-from refjax.files import jsonable
+from refjax.evaluation.qa_judge import POOLINGS, THRESHOLD_RULES
 from refjax.method.losses import KD_DIRECTIONS, REG_FORMS
 from refjax.method.student import parse_methods
 from refjax.models import hub
 from refjax.models.config import DTYPES
-from refjax.stages.pipeline import STAGES
+from refjax.stages.table import STAGES
 from refjax.training.optim import SCHEDULES
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,7 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "reft"  # one or several (comma-separated) of refjax.method.student.METHODS
   c.seed = 0
-  c.stages = ("teacher", "refusal", "filter", "distill", "finetune", "evaluate")  # default order
+  # Default order; a stage this config does not need (judge, screen) is skipped.
+  c.stages = ("teacher", "refusal", "filter", "judge", "screen", "distill", "finetune", "evaluate")
 
   # The base model: student init and (teacher_init="base") teacher init.
   c.model = ml_collections.ConfigDict(dict(
@@ -149,7 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       hs_source="beavertails_eval",  # harmful test prompts (peer harness: BeaverTails 30k_test)
       hs_n=1000,  # peer harness: 1000 prompts
-      judge="refusal_keywords",  # refjax.evaluation.judging.JUDGES
+      # refjax.evaluation.judging.JUDGES: qa_probe = the trained QA judge (config.judge, stage
+      # `judge`); the refusal-keyword judge is always reported beside it.
+      judge="qa_probe",
       judge_model="",  # model dir/name for moderation or llama_guard judges
       fa_n=1000,  # task test examples (peer harness: first 1000; SST-2 has 872)
       max_new_tokens=64,
@@ -158,6 +161,23 @@ def base_config() -> ml_collections.ConfigDict:
       include_base=True,  # also evaluate the untouched base model (row "base")
   ))
 
+  # The QA-moderation judge (refjax.evaluation.qa_judge): the HS judge `qa_probe` and the
+  # `judge_filter` baseline's screen. Defaults: the best recipe of the sweep behind issue 14.
+  c.judge = ml_collections.ConfigDict(dict(
+      backbone="smollm2-135m-instruct",  # frozen, cut after its highest read block
+      layers=(18, 22),  # hidden states read (after block i)
+      pooling="both",  # last token, mean over the answer, or both (qa_judge.POOLINGS)
+      hidden=64, l2=1e-3,  # MLP head width (0 = logistic) and its weight penalty
+      prompt_tokens=64, response_tokens=96,  # what of a pair the judge reads
+      n_harmful=900, n_safe_beavertails=500, n_safe_stl=200, n_helpful=100, n_non_answer=900,
+      calib_percent=15, threshold_rule="youden",  # threshold on held-out training prompts
+      batch_size=8, seed=0,
+      n_validation=128,  # development prompts validated on when built (0 = all 513)
+      cache="",  # where built judges are kept; "" = ${REFJAX_CACHE:-~/.cache/refjax}/judges
+  ))
+  c.judge.train = train_config(steps=400, batch_size=1, log_every=100, checkpoint_every=0,
+                               progress_bar=False)  # batch: the whole fit set
+  c.judge.optim = optim_config(lr=3e-3, schedule="constant", clip_norm=0.0)
   c.mesh = mesh_config()
   c.distributed = distributed_config()
   return c
@@ -269,8 +289,18 @@ _RULES = {
     "finetune.kd_topk": _at_least(0), "finetune.epochs": _at_least(0),
     "finetune.max_len": _at_least(8), "finetune.pack_len": _at_least(8),
     "generate.max_new_tokens": _at_least(1), "generate.temperature": _at_least(0),
-    **{f"{s}.train.{k}": r for s in ("teacher", "finetune") for k, r in _TRAIN_RULES.items()},
-    **{f"{s}.optim.{k}": r for s in ("teacher", "finetune") for k, r in _OPTIM_RULES.items()},
+    "judge.layers": (lambda v: len(v) >= 1 and all(int(x) >= 1 for x in v),
+                     "one or more hidden-state indices >= 1"),
+    "judge.pooling": _choice(POOLINGS), "judge.threshold_rule": _choice(THRESHOLD_RULES),
+    "judge.hidden": _at_least(0), "judge.l2": _at_least(0), "judge.prompt_tokens": _at_least(1),
+    "judge.response_tokens": _at_least(1), "judge.n_harmful": _at_least(1),
+    **{f"judge.n_{k}": _at_least(0) for k in ("safe_beavertails", "safe_stl", "helpful",
+                                              "non_answer", "validation")},
+    "judge.calib_percent": (lambda v: 1 <= v <= 50, "in [1, 50]"), "judge.batch_size": _at_least(1),
+    **{f"{s}.train.{k}": r for s in ("teacher", "finetune", "judge")
+       for k, r in _TRAIN_RULES.items()},
+    **{f"{s}.optim.{k}": r for s in ("teacher", "finetune", "judge")
+       for k, r in _OPTIM_RULES.items()},
 }
 
 
@@ -303,6 +333,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     hub.check_name(c.model.name, "model.name")
     if c.teacher.init != "base":
       hub.check_name(c.teacher.init, "teacher.init")
+    hub.check_name(c.judge.backbone, "judge.backbone")
   except ConfigError:
     raise
   except ValueError as e:
@@ -327,34 +358,3 @@ def dotted_keys(c: Any, prefix: str = ""):
       yield from dotted_keys(v, key + ".")
     else:
       yield key
-
-
-def to_dict(c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Plain JSON values (what `config.json` holds; a NaN, e.g. an unset threshold, is null)."""
-  return jsonable(c)
-
-
-def from_dict(d: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The ConfigDict of a `config.json`: the schema's defaults with the file's values on top (JSON
-  lists back to tuples, null back to NaN where the field is a float). An unknown key raises."""
-  out = base_config()
-
-  def merge(target: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
-    for k, v in values.items():
-      if k not in target:
-        raise ConfigError(f"config.{prefix}{k}: not a field of the schema")
-      default = target[k]
-      if isinstance(default, ml_collections.ConfigDict) and isinstance(v, Mapping):
-        if k == "rules":  # free-form table of logical axis -> mesh axes
-          target[k] = ml_collections.ConfigDict(dict(v))
-        else:
-          merge(default, v, f"{prefix}{k}.")
-      elif v is None and isinstance(default, float):
-        target[k] = float("nan")
-      elif isinstance(v, list):
-        target[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-      else:
-        target[k] = v
-
-  merge(out, d, "")
-  return out

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from refjax import config as config_lib
+from refjax.config_json import from_dict
 from refjax.data.paths import set_data_root
 from refjax.data.records import DataError, FieldMap, iter_file_records, read_examples
 from refjax.files import read_json, write_jsonl
@@ -46,7 +46,7 @@ def fields_of(path: Path) -> FieldMap:
 def screen(teacher: Path, data: Path, out: Path, threshold: float | None = None) -> dict:
   """Scores every row of `data` with the teacher of workdir `teacher`; writes `out`."""
   wd = Workdir(teacher)
-  cfg = config_lib.from_dict(read_json(wd.config_json))
+  cfg = from_dict(read_json(wd.config_json))
   set_data_root(cfg.data.root)
   if threshold is None:
     threshold = float(read_json(wd.filter_summary)["threshold"])

@@ -36,10 +36,12 @@ def run(args: list[str], *, timeout: float = 600, **env_kw) -> subprocess.Comple
                         text=True, timeout=timeout)
 
 
-def start(args: list[str], **env_kw) -> subprocess.Popen:
-  """`python args...` in the background, output captured."""
+def start(args: list[str], *, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          **env_kw) -> subprocess.Popen:
+  """`python args...` in the background, output captured (to pipes the caller must read, or to
+  the files it passes: a full pipe nobody reads blocks the child)."""
   return subprocess.Popen([sys.executable, *args], env=env(**env_kw), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=stdout, stderr=stderr, text=True)
 
 
 def last_json_line(stdout: str) -> str:

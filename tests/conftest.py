@@ -130,5 +130,6 @@ def tiny_workdir(tmp_path_factory, shared_data_dir):
 
   workdir = tmp_path_factory.mktemp("tiny_run")
   cfg = tiny.get_config()
+  cfg.judge.cache = str(tmp_path_factory.mktemp("judges"))  # never the user's cache
   summary = run_pipeline(cfg, str(workdir))
   return workdir, cfg, summary

@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from refjax import config as config_lib
+from refjax.config_json import to_dict
 from refjax.method.student import METHODS, parse_methods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_every_config_variant_loads_and_validates(stem, variant):
   assert cfg.is_locked  # as main.py asks: a typo in an override cannot add a field
   assert set(parse_methods(cfg.method)) <= set(METHODS)
   # The resolved config is JSON-serialisable (every run writes it first).
-  json.dumps(config_lib.to_dict(cfg))
+  json.dumps(to_dict(cfg))
 
 
 @pytest.mark.parametrize("stem", [p.stem for p in config_files()])

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -271,20 +270,35 @@ def test_sigkill_at_random_points_resumes_to_identical_artifacts(base, tmp_path)
   ref = _subproc.run(cmd + [f"--workdir={tmp_path / 'ref'}"], cache_dir=cache, timeout=1200)
   assert ref.returncode == 0, ref.stderr[-3000:]
   wd, rng, kills = tmp_path / "killed", np.random.default_rng(0), []
-  for _ in range(10):
-    proc = _subproc.start(cmd + [f"--workdir={wd}"], cache_dir=cache)
-    time.sleep(float(rng.uniform(6, 20)))
+  n_units = len(markers(tmp_path / "ref"))
+  for i in range(10):
+    # Kill i waits until the run has finished about i/10 of its units, then a random moment more:
+    # the kills spread over the stages however fast this machine is.
+    log = (tmp_path / f"kill{i}.log").open("w")  # a file, not a pipe nobody reads (it would block)
+    proc = _subproc.start(cmd + [f"--workdir={wd}"], cache_dir=cache, stdout=log, stderr=log)
+    target = i * n_units // 10
+    while proc.poll() is None and len(markers(wd)) < target:
+      time.sleep(0.2)
+    time.sleep(float(rng.uniform(1, 6)))
     if proc.poll() is not None:
+      log.close()
       break  # it finished before this kill
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    kills.append(sorted(p.name for p in (wd / "stages").glob("*.done.json"))
-                 if (wd / "stages").exists() else [])
+    log.close()
+    kills.append(markers(wd))
   done = _subproc.run(cmd + [f"--workdir={wd}"], cache_dir=cache, timeout=1200)
   assert done.returncode == 0, done.stderr[-3000:]
   assert len(kills) >= 5, kills  # most kills landed mid-run
   assert len({len(k) for k in kills}) >= 3, kills  # and in several different stages
   assert_same_run(tmp_path / "ref", wd)
+
+
+def markers(wd: Path) -> list[str]:
+  """The finished units of a workdir (stage and per-method done markers)."""
+  stages = wd / "stages"
+  return sorted(str(p.relative_to(stages)) for p in stages.rglob("*.done.json")) \
+      if stages.exists() else []
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from refjax import config as config_lib
 from refjax import parallel
-from refjax.method.losses import causal_lm_loss, token_cross_entropy
+from refjax.method.losses import causal_lm_loss
 from refjax.models import Decoder, ModelConfig
 from refjax.tools.train_tiny import synthetic_data
 from refjax.training import optim

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from refjax import config as config_lib
+from refjax.config_json import from_dict, to_dict
 from refjax.evaluation import analysis, figures
 from refjax.method.refusal import auroc
 from refjax.stages.workdir import Workdir, load_run
@@ -129,9 +130,9 @@ def test_load_run_needs_a_workdir(tmp_path):
 
 def test_load_config_round_trip(tiny_workdir):
   workdir, cfg, _ = tiny_workdir
-  loaded = config_lib.from_dict(load_run(workdir).config)
+  loaded = from_dict(load_run(workdir).config)
   config_lib.validate(loaded)
-  dump = lambda c: json.dumps(config_lib.to_dict(c), sort_keys=True)  # noqa: E731
+  dump = lambda c: json.dumps(to_dict(c), sort_keys=True)  # noqa: E731
   assert dump(loaded) == dump(cfg)
   assert isinstance(loaded.stages, tuple) and isinstance(loaded.refusal.layer_range, tuple)
 

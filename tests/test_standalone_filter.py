@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from refjax.files import read_json, read_jsonl
 from refjax.stages.context import Run

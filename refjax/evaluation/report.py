@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from refjax.evaluation import qa_judge
 from refjax.evaluation.figures import cosine_box_plot, hs_fa_plot, save_figures
 from refjax.evaluation.harmful_score import wilson
 from refjax.files import write_json, write_jsonl, write_text
@@ -144,6 +145,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     fa_ci = _wilson_pct(r["fa"], r["fa_n"])
     lines.append(f"| {r['method']} | {_ci(r['hs'], r['hs_ci'])} | {r['judge'] or '–'} | {extra}"
                  f"{r['n'] or '–'} | {_ci(r['fa'], fa_ci)} | {r['task'] or '–'} |")
+  lines += judge_and_filter_lines(results)
   groups = _cosine_groups(results)
   if groups:
     lines += ["", "## Refusal-feature cosine per data set", "",
@@ -158,6 +160,25 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
   if plots:
     lines += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
   return "\n".join(lines) + "\n"
+
+
+def judge_and_filter_lines(results: Mapping[str, Any]) -> list[str]:
+  """The trained judge's validation and what each data filter dropped (teacher, judge screen)."""
+  lines = []
+  if results.get("judge_validation"):
+    lines += [f"- The `{qa_judge.NAME}` judge (trained QA-moderation probe, never trained on these "
+              f"prompts): {qa_judge.judge_line(results['judge_validation'])}."]
+  for key, who in (("filter", "Teacher filter (reft, filter_only)"),
+                   ("screen", "Judge screen (judge_filter)")):
+    f = results.get(key)
+    if not f:
+      continue
+    prov = f.get("by_provenance", {})
+    parts = [f"{v['dropped']} of {v['n']} {k}" for k, v in sorted(prov.items())]
+    lines.append(f"- {who}: drops {f['n_dropped']} of {f['n_examples']} user examples"
+                 + (f" ({', '.join(parts)})" if parts else "")
+                 + f"; threshold {f['threshold']:.3f} ({f['threshold_rule']}).")
+  return ["", "## Judge and data filters", ""] + lines if lines else []
 
 
 # What Ref-Teacher runs besides its own finetune: teacher preparation, its feature, the filter and

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 from flax import nnx
 
 from refjax.method.losses import kd_loss, kd_topk_loss, mean_cross_entropy, target_weights
@@ -31,7 +30,9 @@ class Method:
 
   name: str
   about: str  # one line for reports and the README
-  filter: bool = False  # train on the teacher-filtered user data (drops get weight 0)
+  # Whose decisions drop user examples (weight 0): None, "teacher" (the refusal-feature filter,
+  # stage `filter`) or "judge" (the QA-moderation judge's screen of each pair, stage `screen`).
+  filter: str | None = None
   pre_align: bool = False  # CE-align the base model on the alignment data first (sa_ft)
   kd: Weight = 0.0  # weight of the distillation KL on the alignment rows
   align_ce: Weight = 0.0  # weight of CE on the alignment rows
@@ -51,13 +52,15 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("reft", "Ref-Teacher: filtered user data + KD from the teacher", filter=True,
+    Method("reft", "Ref-Teacher: filtered user data + KD from the teacher", filter="teacher",
            kd="kd_weight", align_ce="align_ce_weight"),
     Method("sft", "base model on the raw user data (no defence)"),
     Method("sa_ft", "align on the alignment data, then finetune on raw user data",
            pre_align=True),
     Method("joint", "user + alignment data, CE", align_ce=1.0),
-    Method("filter_only", "ablation: filtered user data, no KD", filter=True),
+    Method("judge_filter", "moderation-filter baseline: the QA judge screens the user's pairs, "
+           "then SFT", filter="judge"),
+    Method("filter_only", "ablation: filtered user data, no KD", filter="teacher"),
     Method("distill_only", "ablation: raw user data + KD", kd="kd_weight",
            align_ce="align_ce_weight"),
 )}

@@ -218,6 +218,20 @@ class Decoder(nnx.Module):
     return jnp.matmul(x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def keep_layers(model: Decoder, n: int) -> Decoder:
+  """The model cut to its first `n` blocks (the final norm then follows block n): a backbone for
+  features of the lower layers at a fraction of the cost. The weights are shared, not copied."""
+  if not 1 <= n <= model.cfg.num_layers:
+    raise ValueError(f"n={n}; expected 1..{model.cfg.num_layers} blocks")
+  if n == model.cfg.num_layers:
+    return model
+  graphdef, state = nnx.split(abstract_decoder(model.cfg.replace(num_layers=n)))
+  src = dict(nnx.to_flat_state(nnx.state(model)))
+  leaves = [(path, var.replace(src[path][...][:n] if path[0] == "layers" else src[path][...]))
+            for path, var in nnx.to_flat_state(state)]
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
 def param_count(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
@@ -228,5 +242,5 @@ def abstract_decoder(cfg: ModelConfig) -> Decoder:
 
 
 __all__ = ["Decoder", "DecoderOutput", "KVCache", "Unstacked", "positions_from_mask",
-           "positions_from_segments", "param_count",
+           "positions_from_segments", "param_count", "keep_layers",
            "abstract_decoder"]

@@ -9,15 +9,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from refjax.data.batches import encode_examples, harmful_labels, prompt_batches
 from refjax.data.prompts import PromptFormat
 from refjax.data.sets import ExampleSets
-from refjax.evaluation.judges import Judge, RefusalKeywordJudge
-from refjax.evaluation.judging import make_judge
+from refjax.evaluation.judges import RefusalKeywordJudge
 from refjax.models.export import export_hf_dir
 from refjax.models.loading import load_model_and_tokenizer
 from refjax.models.lora import merge_lora
@@ -49,10 +48,13 @@ class Run:
   def digests(self) -> Digests:
     return Digests(self.cfg, self.sets)
 
-  @functools.cached_property
-  def judge(self) -> Judge:
-    """The judge config.eval names, built once per run (a model-based judge is loaded once)."""
-    return make_judge(self.cfg.eval, lambda path: self.load(path))
+  _shared: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def shared(self, key: str, make: Callable[[], Any]) -> Any:
+    """One object per run shared by its stages (a loaded judge, say), made on first use."""
+    if key not in self._shared:
+      self._shared[key] = make()
+    return self._shared[key]
 
   @property
   def start_model(self) -> str | None:

@@ -69,10 +69,12 @@ def write_decisions(report_path, summary_path, examples: Sequence[Any], scores: 
                     keep: np.ndarray, threshold: float, *, layer: int | None = None,
                     calibration: Calibration | None = None,
                     text_sha256: Sequence[str] | None = None,
-                    markers: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
+                    markers: Sequence[Sequence[str]] | None = None,
+                    scorer: str = "teacher: cos(f_l(x), R_l)",
+                    threshold_rule: str | None = None) -> dict[str, Any]:
   """Writes one report row per example (id, score, decision, provenance, source, the sha256 of the
   text scored, any prompt-section markers the user text holds; never the text) and the summary
-  (counts; precision/recall/AUROC against provenance where present); returns it."""
+  (scorer, counts; precision/recall/AUROC against provenance where present); returns it."""
   n = len(examples)
   scores = np.asarray(scores, np.float64)
   keep = np.asarray(keep).astype(bool)
@@ -99,8 +101,8 @@ def write_decisions(report_path, summary_path, examples: Sequence[Any], scores: 
   write_jsonl(report_path, rows)
   summary: dict[str, Any] = {
       "n_examples": n, "n_kept": int(keep.sum()), "n_dropped": int((~keep).sum()),
-      "threshold": float(threshold),
-      "threshold_rule": "fixed" if calibration is None else "calibrated",
+      "scorer": scorer, "threshold": float(threshold),
+      "threshold_rule": threshold_rule or ("fixed" if calibration is None else "calibrated"),
       "calibration": calibration.as_dict() if calibration else None, "layer": layer,
       "score_mean": float(scores.mean()) if n else None,
       "n_with_template_markers": sum(bool(m) for m in markers) if markers is not None else None,

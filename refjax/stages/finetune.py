@@ -1,8 +1,9 @@
 """Stage `finetune` (per method): the base model finetuned for one method of `config.method`; the
 methods share the teacher and the filter's decisions.
 
-Reads the user data, filter/filter_report.jsonl (filtering methods), teacher/model (distilling
-methods) and the alignment set; writes methods/<method>/model/ and finetune.json.
+Reads the user data, filter/filter_report.jsonl or screen/screen_report.jsonl (filtering methods),
+distill/ or teacher/model (distilling methods) and the alignment set; writes
+methods/<method>/model/ and finetune.json.
 """
 
 from __future__ import annotations
@@ -27,19 +28,23 @@ from refjax.training.fit import fit
 log = logging.getLogger(__name__)
 
 
-def keep_weights(r: Run, user, fmt) -> np.ndarray:
-  """1/0 per user example from the filter's recorded decisions (0 = dropped). A decision binds to
-  the exact text scored: a row whose text has no decision (changed under its id, or never seen)
-  is refused, never trained under an old decision."""
-  path = r.require(r.wd.filter_report, "filter")
+DECISIONS = {"teacher": ("filter_report", "filter"), "judge": ("screen_report", "screen")}
+
+
+def keep_weights(r: Run, user, fmt, by: str = "teacher") -> np.ndarray:
+  """1/0 per user example from the recorded decisions of `by` (the teacher's filter or the judge's
+  screen; 0 = dropped). A decision binds to the exact text scored: a row whose text has no
+  decision (changed under its id, or never seen) is refused, never trained under an old one."""
+  attr, stage = DECISIONS[by]
+  path = r.require(getattr(r.wd, attr), stage)
   decided = {(row["id"], row["text_sha256"]): bool(row["kept"]) for row in read_jsonl(path)
              if "text_sha256" in row}
   keys = [(e.id, fmt.scored_digest(e.instruction, e.input, e.response)) for e in user]
   missing = [k[0] for k in keys if k not in decided]
   if missing:
     raise ValueError(f"{path} has no decision for the current text of {len(missing)} user "
-                     f"examples (e.g. id {missing[0]!r}): the user data changed since the filter "
-                     "ran; rerun it (--force=filter)")
+                     f"examples (e.g. id {missing[0]!r}): the user data changed since the "
+                     f"{stage} stage ran; rerun it (--force={stage})")
   return np.array([decided[k] for k in keys], np.float32)
 
 
@@ -49,7 +54,8 @@ def finetune(r: Run, name: str) -> dict:
   out = wd.method(name)
   model, tok, fmt = r.load()
   user = r.sets.user()
-  weights = keep_weights(r, user, fmt) if method.filter else np.ones(len(user), np.float32)
+  weights = (keep_weights(r, user, fmt, method.filter) if method.filter
+             else np.ones(len(user), np.float32))
   max_len, rows_len, seed = int(fc.max_len), int(fc.pack_len), int(fc.train.seed)
   enc_user = [fmt.encode(e.instruction, e.input, e.response, max_len=max_len) for e in user]
   packed_user = pack(enc_user, weights, rows_len, fmt.pad_id, seed=seed)

@@ -17,6 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from refjax.data import paths
+from refjax.data.judge_pairs import SOURCE_FILES
+from refjax.data.sources import load_source
 from refjax.files import CorruptFile, jsonable, read_json
 from refjax.models import hub, shipped
 
@@ -141,13 +144,18 @@ class Digests:
     return self._memo(("examples", kind, n), lambda: examples_digest(get()))
 
   def source(self, name: str, n: int | None = None) -> str:
-    from refjax.data.sources import load_source
     return self._memo(("source", name, n), lambda: examples_digest(load_source(name, limit=n)))
 
   def judge(self) -> str:
+    """The HS judge config.eval names (the trained `qa_probe` judge is an upstream stage)."""
     ec = self.cfg.eval
     return self._memo(("judge",), lambda: digest(
         {"judge": ec.judge, "model": self.model(ec.judge_model) if ec.judge_model else ""}))
+
+  def judge_data(self) -> str:
+    """Content digest of every data file the QA judge's pairs are built from."""
+    return self._memo(("judge_data",), lambda: digest(
+        {rel: file_digest(paths.data_dir() / rel) for rel in SOURCE_FILES}))
 
 
 Unit = tuple[str, str | None]  # (stage, method or None)
@@ -225,6 +233,8 @@ class Plan:
       return "forced (--force)"
     old = self.marker(unit) or read_or_none(self.r.wd.running(*unit))
     what = changed((old or {}).get("inputs"), self.fingerprint(unit)[1])
+    if not what:
+      return "its artifacts are missing or torn"
     return "inputs changed: " + ", ".join(what[:8]) + (" ..." if len(what) > 8 else "")
 
 

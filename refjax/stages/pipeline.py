@@ -1,14 +1,5 @@
-"""The stage table and the loop that runs it: which stage reads what (config fields, data, models,
-upstream stages) and writes what, fingerprints, done markers, and the checks before any work.
-
-    teacher   start model, alignment + probe sets  -> refusal_base/, teacher/
-    refusal   teacher/model, refusal_base/          -> refusal/
-    filter    teacher/model, refusal/, user data     -> filter/
-    distill   teacher/model, alignment set           -> distill/ (the teacher's top-k targets)
-    finetune  base model, filter/, distill/          -> methods/<method>/  (per method)
-    evaluate  methods/<method>/model                 -> methods/<method>/eval.json (per method),
-                                                        eval.json, report.md
-    generate  (on demand) base model                 -> generations.json
+"""The loop that runs the stage table (`refjax.stages.table`): fingerprints, done markers, and the
+checks before any work.
 
 A unit of work is a stage, or a stage for one method. Each unit's fingerprint digests what it
 reads; its marker records the fingerprint. A rerun skips a unit only when the marker's
@@ -20,169 +11,25 @@ resolved config is written, so `config.json` always describes what is on disk.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 
 from refjax.data.paths import set_data_root
 from refjax.files import jsonable, write_json
-from refjax.method.student import METHODS, parse_methods
-from refjax.stages import distill, evaluate, finetune, generate, refusal, teacher
-from refjax.stages import filter as filter_stage
 from refjax.stages.context import Run
 from refjax.stages.cost import metered
-from refjax.stages.fingerprint import Plan, Unit, config_part, digest, key as _key, read_or_none
+from refjax.stages.fingerprint import Plan, Unit, digest, key as _key, read_or_none
 from refjax.stages.lock import workdir_lock
+from refjax.stages.table import STAGES
 from refjax.stages.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
-@dataclasses.dataclass(frozen=True)
-class Stage:
-  """One stage: its function, what it reads and writes, and whether it runs once per method.
-
-  fn(run) -> summary, or for per-method stages fn(run, method) -> that method's summary (each
-  method's marker is written as soon as it finishes) and finish(run) -> the stage's summary.
-  config: config keys it reads. data(run, method) -> {name: content digest}. upstream(cfg, method)
-  -> units it reads. needs(cfg, wd, method) -> (path, producing stage) pairs that must exist.
-  outputs(wd, method) -> paths it writes (removed when the unit is stale). artifacts(wd, method)
-  -> the files a finished unit must have (missing or torn = not done).
-  """
-
-  name: str
-  fn: Callable[..., dict]
-  config: tuple[str, ...]
-  data: Callable[[Run, str | None], dict[str, str]]
-  upstream: Callable[[Any, str | None], list[Unit]]
-  needs: Callable[[Any, Workdir, str | None], list[tuple[Path, str]]]
-  outputs: Callable[[Workdir, str | None], list[Path]]
-  artifacts: Callable[[Workdir, str | None], list[Path]]
-  per_method: bool = False
-  finish: Callable[[Run], dict] | None = None
-  finish_outputs: Callable[[Workdir], list[Path]] = lambda wd: []  # what `finish` writes
-
-  def methods(self, cfg) -> list[str | None]:
-    if not self.per_method:
-      return [None]
-    return (["base"] if self.name == "evaluate" and cfg.eval.include_base else []) + (
-        parse_methods(cfg.method))
-
-
-# ---------------------------------------------------------------------------------------------
-# The table
-
-
-def _alignment_needed(cfg, method: str | None) -> bool:
-  m = METHODS[method]
-  return m.uses_alignment_rows or m.pre_align
-
-
-def _teacher_data(r: Run, method) -> dict[str, str]:
-  return {"start_model": r.digests.model(r.start_model or r.cfg.model.name),
-          "alignment": r.digests.examples("alignment"), "probe": r.digests.examples("probe"),
-          "validation": r.digests.examples("validation")}
-
-
-def _refusal_data(r: Run, method) -> dict[str, str]:
-  return {"start_model": r.digests.model(r.start_model or r.cfg.model.name),
-          **{k: r.digests.examples(k) for k in ("probe", "validation", "ood")},
-          "task_test": r.digests.examples("task_test", r.cfg.refusal.n_val)}
-
-
-def _filter_data(r: Run, method) -> dict[str, str]:
-  out = {"user": r.digests.examples("user")}
-  if r.cfg.filter.threshold != r.cfg.filter.threshold:  # NaN: calibrated
-    out["calibration"] = r.digests.examples("calibration")
-  return out
-
-
-def _finetune_data(r: Run, method) -> dict[str, str]:
-  out = {"base_model": r.digests.model(r.cfg.model.name), "user": r.digests.examples("user"),
-         "method": digest(dataclasses.asdict(METHODS[method]))}
-  if _alignment_needed(r.cfg, method):
-    out["alignment"] = r.digests.examples("alignment")
-  return out
-
-
-def _finetune_upstream(cfg, method) -> list[Unit]:
-  m = METHODS[method]
-  kd = m.weights(cfg.finetune)["kd"]
-  source = "distill" if int(cfg.finetune.kd_topk) > 0 else "teacher"
-  return ([("filter", None)] if m.filter else []) + ([(source, None)] if kd else [])
-
-
-_PRODUCT = {"filter": lambda wd: wd.filter_report, "distill": lambda wd: wd.distill_targets,
-            "teacher": lambda wd: wd.teacher_model / "config.json"}
-
-
-def _evaluate_data(r: Run, method) -> dict[str, str]:
-  out = {"hs_prompts": r.digests.source(r.cfg.eval.hs_source, r.cfg.eval.hs_n),
-         "task_test": r.digests.examples("task_test", r.cfg.eval.fa_n),
-         "judge": r.digests.judge()}
-  if method == "base":
-    out["model"] = r.digests.model(r.cfg.model.name)
-  return out
-
-
-STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("teacher", teacher.run,
-          config=("seed", "model", "prompt", "teacher", "refusal.layer", "refusal.layer_range",
-                  "refusal.probe_harmful", "refusal.probe_harmless", "refusal.n_probe",
-                  "refusal.val_harmful", "refusal.val_harmless", "refusal.n_val",
-                  "refusal.batch_size", "data.alignment_harmful", "data.alignment_harmless",
-                  "data.n_alignment_harmful", "data.n_alignment_harmless", "data.refusal_check"),
-          data=_teacher_data, upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
-          outputs=lambda wd, m: [wd.refusal_base, wd.teacher],
-          artifacts=lambda wd, m: [wd.refusal_base / "refusal_feature.json",
-                                   wd.teacher_model / "config.json", wd.refusal_updates]),
-    Stage("refusal", refusal.run,
-          config=("seed", "model", "prompt", "teacher.init", "refusal", "data.task"),
-          data=_refusal_data, upstream=lambda cfg, m: [("teacher", None)],
-          needs=lambda cfg, wd, m: [(wd.refusal_base / "refusal_feature.json", "teacher"),
-                                    (wd.teacher_model / "config.json", "teacher")],
-          outputs=lambda wd, m: [wd.refusal],
-          artifacts=lambda wd, m: [wd.refusal / "refusal_feature.json", wd.auroc,
-                                   wd.cosine_sets]),
-    Stage("filter", filter_stage.run,
-          config=("seed", "model", "prompt", "filter", "refusal.val_harmful", "refusal.n_val"),
-          data=_filter_data, upstream=lambda cfg, m: [("teacher", None), ("refusal", None)],
-          needs=lambda cfg, wd, m: [(wd.refusal / "refusal_feature.json", "refusal"),
-                                    (wd.teacher_model / "config.json", "teacher")],
-          outputs=lambda wd, m: [wd.filter],
-          artifacts=lambda wd, m: [wd.filter_report, wd.filter_summary]),
-    Stage("distill", distill.run,
-          config=("seed", "model", "prompt", "finetune.kd_topk", "finetune.kd_temperature",
-                  "finetune.max_len", "finetune.kd_weight", "method"),
-          data=lambda r, m: {"alignment": r.digests.examples("alignment")},
-          upstream=lambda cfg, m: [("teacher", None)],
-          needs=lambda cfg, wd, m: [(wd.teacher_model / "config.json", "teacher")],
-          outputs=lambda wd, m: [wd.distill], artifacts=lambda wd, m: [wd.distill_targets]),
-    Stage("finetune", finetune.finetune, config=("seed", "model", "prompt", "finetune"),
-          data=_finetune_data, upstream=_finetune_upstream,
-          needs=lambda cfg, wd, m: [(_PRODUCT[u[0]](wd), u[0]) for u in _finetune_upstream(cfg, m)],
-          outputs=lambda wd, m: [wd.method(m)],
-          artifacts=lambda wd, m: [wd.method_model(m) / "config.json", wd.method_summary(m)],
-          per_method=True),
-    Stage("evaluate", evaluate.evaluate, config=("seed", "model", "prompt", "eval", "data.task"),
-          data=_evaluate_data,
-          upstream=lambda cfg, m: [] if m == "base" else [("finetune", m)],
-          needs=lambda cfg, wd, m: [] if m == "base" else [
-              (wd.method_model(m) / "config.json", "finetune")],
-          outputs=lambda wd, m: [wd.method_eval(m), *wd.records.glob(f"{m}.*")],
-          artifacts=lambda wd, m: [wd.method_eval(m)],
-          per_method=True, finish=evaluate.report,
-          finish_outputs=lambda wd: [wd.eval_json, wd.report_md, wd.records,
-                                     *wd.root.glob("*.png")]),
-    Stage("generate", generate.run, config=("seed", "model", "prompt", "generate"),
-          data=lambda r, m: {"model": r.digests.model(r.cfg.model.name)},
-          upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
-          outputs=lambda wd, m: [wd.generations], artifacts=lambda wd, m: [wd.generations]),
-)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +70,11 @@ def run(cfg, workdir: str | Path, stages: Sequence[str] | None = None,
     unknown = [s for s in names if s not in STAGES]
     if unknown:
       raise ValueError(f"unknown {what} {unknown}; expected some of {list(STAGES)}")
+  unwanted = [s for s in requested if not STAGES[s].wanted(cfg)]
+  if unwanted:
+    log.info("stage(s) %s: not needed by this config (methods %s, eval.judge=%s); skipping",
+             unwanted, cfg.method, cfg.eval.judge)
+    requested = [s for s in requested if s not in unwanted]
   set_data_root(cfg.data.root)
   r = Run(cfg, wd)
   plan = Plan(r, STAGES, set(STAGES) if "all" in force else set(force))
@@ -345,4 +197,4 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-__all__ = ["Stage", "STAGES", "Plan", "run", "check_inputs"]
+__all__ = ["run", "check_inputs"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from refjax.files import write_json, write_npz
 from refjax.method.features import model_hash, probe_feature, score_batches
 from refjax.method.refusal import auroc, separation

@@ -9,6 +9,7 @@ markers, and the loader the notebook and the report read a finished run with.
     refusal/                      the teacher's refusal feature, auroc.json, cosine_sets.npz
     filter/                       filter_report.jsonl (every decision), filter_summary.json
     distill/                      the teacher's top-k targets on the alignment responses
+    judge/ screen/                the QA judge (pointer, validation) and its screen of the user data
     methods/<method>/             model/, finetune.json, metrics.jsonl, eval.json
     eval.json report.md *.png records/   the evaluation report
 """
@@ -106,6 +107,31 @@ class Workdir:
   @property
   def filter_summary(self) -> Path:
     return self.filter / "filter_summary.json"
+
+  # --- the QA judge (a pointer to its cache) and the moderation-filter baseline's screen
+  @property
+  def judge(self) -> Path:
+    return self.root / "judge"
+
+  @property
+  def judge_pointer(self) -> Path:
+    return self.judge / "judge.json"
+
+  @property
+  def judge_validation(self) -> Path:
+    return self.judge / "judge_validation.json"
+
+  @property
+  def screen(self) -> Path:
+    return self.root / "screen"
+
+  @property
+  def screen_report(self) -> Path:
+    return self.screen / "screen_report.jsonl"
+
+  @property
+  def screen_summary(self) -> Path:
+    return self.screen / "screen_summary.json"
 
   # --- the teacher's cached distillation targets
   @property
@@ -255,7 +281,7 @@ class RunArtifacts:
   """Whatever the run's stages left in `workdir`; a part whose stage has not run is None."""
 
   workdir: Path
-  config: dict[str, Any]  # config.json: the resolved config as plain JSON (refjax.config.from_dict)
+  config: dict[str, Any]  # config.json: the resolved config as plain JSON (refjax.config_json.from_dict)
   auroc: dict[str, Any] | None  # refusal/auroc.json
   cosine_sets: dict[str, np.ndarray] | None  # refusal/cosine_sets.npz: "teacher/harmful" -> [N]
   filter_rows: list[dict[str, Any]] | None  # filter/filter_report.jsonl, one dict per example

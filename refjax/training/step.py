@@ -48,7 +48,13 @@ _TINY = 1e-9  # floor on the summed microbatch weights
 
 
 def check_batch(batch: Mapping[str, Any]) -> None:
-  """Raises naming the key if a batch lacks an entry or has a mismatched shape."""
+  """Raises naming the key if a token batch lacks an entry or has a mismatched shape (a batch of
+  other arrays, e.g. features for a head, only needs one leading batch axis)."""
+  if "tokens" not in batch:
+    sizes = {k: v.shape[0] if v.ndim else None for k, v in batch.items()}
+    if len(set(sizes.values())) > 1:
+      raise ValueError(f"batch arrays have different leading sizes {sizes}")
+    return
   for key in BATCH_KEYS:
     if key not in batch:
       raise KeyError(f"batch is missing {key!r}; expected keys {BATCH_KEYS}")
