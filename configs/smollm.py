@@ -1,7 +1,11 @@
 """The built-in default: SmolLM2-135M-Instruct and the local data, sized for a 2-core CPU.
 
-  python -m refjax.main --config=configs/smollm.py          # all six methods, HS/FA table
+  python -m refjax.main --config=configs/smollm.py          # reft, sft, judge_filter, joint
+  python -m refjax.main --config=configs/smollm.py:all      # + sa_ft, filter_only, distill_only
   python -m refjax.main --config=configs/smollm.py:quick    # a smoke run of every stage
+
+The default trains a real attack: one epoch over 1000 user examples, 10% of them harmful, for
+every method (README, Results, gives the measured time).
 
 SmolLM2-135M-Instruct is not safety-aligned (../shared/ENV.md): it is the base model, the
 student's start and the teacher's start, as in the paper's main setting.
@@ -12,16 +16,18 @@ from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"quick": False}, where="configs/smollm.py")
+  a = parse_arg(arg, {"quick": False, "all": False}, where="configs/smollm.py")
   c = base_config()
   c.model.name = "smollm2-135m-instruct"
   c.prompt.template = "chat"
   c.prompt.stop_tokens = ("<|im_end|>",)
   c.prompt.max_len = 128
   c.prompt.max_prompt_len = 128
-  c.method = "sft,sa_ft,joint,judge_filter,reft,filter_only,distill_only"
+  c.method = "sft,judge_filter,joint,reft"
+  if a["all"]:  # the other baseline and the two ablations: about 20 minutes more
+    c.method = "sft,sa_ft,joint,judge_filter,reft,filter_only,distill_only"
   c.data.task = "sst2"
-  c.data.user_n = 600
+  c.data.user_n = 1000
   c.data.harmful_ratio = 0.1
   c.data.n_alignment_harmful = 400
   c.data.n_alignment_harmless = 400
@@ -30,10 +36,11 @@ def get_config(arg=None):
   c.teacher.refusal_update_every = 20
   c.teacher.train.update(steps=40, batch_size=8, log_every=5, checkpoint_every=20, max_to_keep=1)
   c.teacher.optim.update(lr=5e-5, warmup_steps=5)
-  # Seven training phases (six methods; sa_ft aligns first): the bulk of the run. Sized for the
-  # 45-minute budget on 2 cores; README, Results gives the measured time.
-  c.finetune.train.update(steps=14, batch_size=8, log_every=2, checkpoint_every=7,
-                          max_to_keep=1)
+  # One epoch over the user rows, packed (several examples per 256-token row, attention kept per
+  # example); a quarter of each batch's rows are alignment rows (KD from the teacher's cached
+  # top-k for reft). The bulk of the run; sized for 60 minutes on 2 cores.
+  c.finetune.update(epochs=1.0, align_ratio=0.25, max_len=256, pack_len=256, kd_topk=32)
+  c.finetune.train.update(batch_size=8, log_every=2, checkpoint_every=10, max_to_keep=1)
   c.finetune.optim.update(lr=1e-4, warmup_steps=3)
   c.eval.update(hs_n=100, fa_n=100, max_new_tokens=32, fa_max_new_tokens=4, batch_size=32)
   if a["quick"]:
@@ -47,6 +54,7 @@ def get_config(arg=None):
     c.refusal.n_val = 16
     c.teacher.refusal_update_every = 2
     c.teacher.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
+    c.finetune.update(epochs=0.0, max_len=128, pack_len=128)  # three steps, short rows
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.filter.n_calibration = 16
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)

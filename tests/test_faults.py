@@ -128,9 +128,10 @@ def test_swapped_user_example_is_refiltered_never_trained_under_an_old_decision(
   lines[pos] = json.dumps(row, ensure_ascii=True)
   (root / SST2_TRAIN).write_text("\n".join(lines) + "\n")
 
-  # The finetune stage alone, on the old decisions: refused before any work.
-  with pytest.raises(FileNotFoundError, match=r"filter_report.jsonl, which is stale .*run the "
-                                              r"`filter` stage first"):
+  # The finetune stage alone, on the old decisions (the teacher's and the judge's): refused before
+  # any work. (The judge reads the task's label set from the same file, so it is stale too.)
+  with pytest.raises(FileNotFoundError, match=r"(filter|screen)_report.jsonl, which is stale .*"
+                                              r"run the `(filter|screen)` stage first"):
     run_pipeline(cfg, wd, stages=["finetune"])
   # keep_weights itself refuses a row whose text has no decision.
   from refjax.stages import finetune
@@ -146,8 +147,9 @@ def test_swapped_user_example_is_refiltered_never_trained_under_an_old_decision(
     paths.set_data_root(None)
 
   with caplog.at_level("INFO"):
-    run_pipeline(cfg, wd, stages=["filter", "finetune"])
+    run_pipeline(cfg, wd, stages=["judge", "filter", "screen", "finetune"])
   assert "filter: inputs changed: data.user" in caplog.text
+  assert "screen: inputs changed: data.user" in caplog.text
   new = {r["id"]: r for r in read_jsonl(Workdir(wd).filter_report)}[kept["id"]]
   assert new["text_sha256"] != kept["text_sha256"] and new["score"] != kept["score"]
   assert read_json(Workdir(wd).marker("teacher"))["fingerprint"]  # the teacher was kept

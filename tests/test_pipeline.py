@@ -71,10 +71,11 @@ def test_distillation_and_reports(tiny_workdir):
   sft = [json.loads(l) for l in (wd / "methods/sft/metrics.jsonl").read_text().splitlines()]
   assert all("kd" not in m for m in sft)
   ev = json.loads((wd / "eval.json").read_text())
-  assert set(ev["methods"]) == {"base", "reft", "sft"}
+  assert set(ev["methods"]) == {"base", "reft", "sft", "judge_filter"}
   for entry in ev["methods"].values():
     assert 0 <= entry["harmful_score"]["harmful_score"] <= 100
-    assert entry["judge"] == "refusal_keywords"
+    assert entry["judge"] == "qa_probe"  # the trained judge heads; keywords beside it
+    assert set(entry["harmful_score"]["by_judge"]) == {"qa_probe", "refusal_keywords"}
   assert "| reft |" in (wd / "report.md").read_text()
 
 

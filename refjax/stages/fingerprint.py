@@ -82,6 +82,10 @@ def model_digest(name: str | os.PathLike | None) -> str:
   return digest({p.name: file_digest(p) for p in files})
 
 
+# Where a result is kept, not what it is: moving the judge cache reruns nothing.
+NEUTRAL_FIELDS = ("judge.cache",)
+
+
 def config_part(cfg: Any, keys: Sequence[str]) -> dict[str, Any]:
   """The named config fields/sections (dotted keys) as plain JSON, neutral training keys left out."""
   out = {}
@@ -91,7 +95,8 @@ def config_part(cfg: Any, keys: Sequence[str]) -> dict[str, Any]:
       value = value[part]
     value = jsonable(value)
     if isinstance(value, dict):
-      value = _drop_neutral(value)
+      value = {k: v for k, v in _drop_neutral(value).items()
+               if f"{key}.{k}" not in NEUTRAL_FIELDS}
     out[key] = value
   return out
 

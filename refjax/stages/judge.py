@@ -42,7 +42,6 @@ def spec_of(cfg: Any) -> JudgeSpec:
 def cache_dir(cfg: Any, data_digest: str) -> Path:
   """Where the judge of this recipe (config.judge, the student's tokenizer) and data is cached."""
   recipe = config_part(cfg, ["judge"])["judge"]
-  recipe.pop("cache")
   key = digest({"judge": recipe, "student": str(cfg.model.name), "data": data_digest})
   root = Path(str(cfg.judge.cache)).expanduser() if cfg.judge.cache else (
       shipped.cache_root() / "judges")
