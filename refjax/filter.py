@@ -23,7 +23,7 @@ from refjax.data.records import DataError, FieldMap, iter_file_records, read_exa
 from refjax.files import read_json, write_jsonl
 from refjax.method.filtering import apply_filter
 from refjax.stages.context import Run
-from refjax.stages.filter import Scorer
+from refjax.stages.scorer import Scorer
 from refjax.stages.workdir import Workdir
 
 TRIPLET = FieldMap(instruction="instruction", input="input", response="response")
