@@ -214,3 +214,15 @@ def test_tiny_run_writes_the_generalisation_report(tiny_workdir):
   assert g["scorer"] == "logistic" and wd.logistic_probe.is_file()
   assert "## Filter generalisation" in wd.report_md.read_text()
   assert json.dumps(g).isascii()
+
+
+def test_dup_index_equals_the_brute_force_rules(pools):
+  from refjax.data.dedup import near_duplicate, norm_text
+  items = [p.instruction for s in ("advbench", "tdc2023") for part in ("train", "calib", "test")
+           for p in pools.rows(s, part)]
+  queries = [p.instruction for s in ("derta", "harmbench_val") for p in pools.rows(s, "test")]
+  queries += [q[5:-5] for q in items[:40]] + ["x " + q + " y" for q in items[40:80]]
+  idx = DupIndex(items)
+  normed = [norm_text(i) for i in items]
+  brute = [any(near_duplicate(norm_text(q), i) for i in normed) for q in queries]
+  assert [idx.hit(q) for q in queries] == brute and sum(brute) >= 80
