@@ -2,6 +2,13 @@
 
   python -m refjax.main --config=configs/smollm.py          # all six methods, HS/FA table
   python -m refjax.main --config=configs/smollm.py:quick    # a smoke run of every stage
+  python -m refjax.main --config=configs/smollm.py:paper    # the paper's filter (one direction)
+
+The filter levers (data / refusal / filter sections) are issue 15's measured best (branch
+research-filter, REPORT.md, Table B): five harmful sources balanced in the teacher's data, probe,
+layer choice and calibration; task-formatted and edgy harmless rows and wrapped prompts in the
+regulariser's data; a logistic probe on the teacher's layer-25 features as the filter's scorer.
+`:paper` keeps the paper's setting: BeaverTails alone, one difference-of-means direction, cosine.
 
 SmolLM2-135M-Instruct is not safety-aligned (../shared/ENV.md): it is the base model, the
 student's start and the teacher's start, as in the paper's main setting.
@@ -12,7 +19,7 @@ from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"quick": False}, where="configs/smollm.py")
+  a = parse_arg(arg, {"quick": False, "paper": False}, where="configs/smollm.py")
   c = base_config()
   c.model.name = "smollm2-135m-instruct"
   c.prompt.template = "chat"
@@ -27,6 +34,17 @@ def get_config(arg=None):
   c.data.n_alignment_harmless = 400
   c.refusal.n_probe = 64
   c.refusal.n_val = 64
+  if not a["paper"]:  # issue 15's filter levers (research-filter configs/smollm.py:levers)
+    c.data.alignment_mix = "beavertails,stl_alignment,advbench,malicious_instruct,tdc2023"
+    c.data.harmless_mix = "sst2_train,ag_news_train,gsm8k_train,edgy_benign"
+    c.data.n_harmless_mix = 50
+    c.data.wrap_per_family = 20
+    c.refusal.val_harmful = "mix_calib"
+    c.filter.calibration_harmful = "mix_calib"
+    c.filter.n_calibration = 400
+    c.filter.scorer = "logistic"
+    c.filter.logistic_l2 = 0.01
+    c.filter.layer = 25
   c.teacher.refusal_update_every = 20
   c.teacher.train.update(steps=40, batch_size=8, log_every=5, checkpoint_every=20, max_to_keep=1)
   c.teacher.optim.update(lr=5e-5, warmup_steps=5)
@@ -48,7 +66,8 @@ def get_config(arg=None):
     c.teacher.refusal_update_every = 2
     c.teacher.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
-    c.filter.n_calibration = 16
+    c.filter.update(n_calibration=16, n_fit=32)
+    c.generalisation.update(n_source=8, n_benign=8, wrap_per_family=2)
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
     # a smaller judge (its own cache entry): the same recipe on a quarter of the pairs
     c.judge.update(n_harmful=200, n_safe_beavertails=100, n_safe_stl=50, n_helpful=25,
