@@ -98,7 +98,8 @@ FILTER_SOURCES: dict[str, Source] = {s.name: s for s in [
            "stl_physical", where=("set", "I-PhysicalSafetyUnsafe")),
     Source("stl_qharm", "safety_tuned_llamas/eval_prompts.jsonl", HARMFUL, "eval",
            "anthropic_redteam", where=("set", "Q-Harm"),
-           note="HH-RLHF questions; 16 equal BeaverTails alignment prompts (dropped when those train)"),
+           note="HH-RLHF questions; 16 equal BeaverTails alignment prompts (dropped when those "
+                "train)"),
     Source("beavertails_user_poison", "beavertails_refusals_spard/harmful_qa.jsonl", HARMFUL,
            "never", "anthropic_redteam", note="the user poison pool: never probe/train/calibrate"),
     # --- harmless, trainable

@@ -68,7 +68,8 @@ def teacher_mix(pools: Pools, *, harmful_sources: Sequence[str], n_harmful: int,
     rows = pools.rows(s, "train")
     if not rows:
       raise ValueError(f"teacher_mix: harmless source {s!r} has no train rows")
-    harmless += [dataclasses.replace(p, label=HARMLESS) for p in _cycle(rows, n_per_harmless_source)]
+    harmless += [dataclasses.replace(p, label=HARMLESS)
+                 for p in _cycle(rows, n_per_harmless_source)]
   wrapped = []
   if wrap_per_family:
     base_h = [p for p in harmful if "#r" not in p.id]
@@ -87,7 +88,8 @@ def teacher_mix(pools: Pools, *, harmful_sources: Sequence[str], n_harmful: int,
   return out
 
 
-def mix_calibration(pools: Pools, harmful_sources: Sequence[str], holdout: str = "") -> list[Prompt]:
+def mix_calibration(pools: Pools, harmful_sources: Sequence[str],
+                    holdout: str = "") -> list[Prompt]:
   """Every calibration-part row of the harmful sources except the held-out one."""
   return [p for s in harmful_sources if s != holdout for p in pools.rows(s, "calib")]
 

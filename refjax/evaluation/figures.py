@@ -135,7 +135,8 @@ def generalisation_plot(g: Mapping[str, Any]) -> Figure:
   ind = g["in_distribution"]
   rows = ([(s, v["recall"], SET_COLOURS[0]) for s, v in g["sources"].items()]
           + [(f"{ind['source']} (in dist.)", ind["recall"], "grey")]
-          + [(f"wrapped: {f}", v["recall"], SET_COLOURS[2]) for f, v in g["wrapped_recall"].items()])
+          + [(f"wrapped: {f}", v["recall"], SET_COLOURS[2])
+             for f, v in g["wrapped_recall"].items()])
   y = np.arange(len(rows))
   left.barh(y, [0 if r[1] is None else r[1] for r in rows], color=[r[2] for r in rows])
   left.set_yticks(y, [r[0] for r in rows], fontsize=7)
