@@ -127,6 +127,10 @@ FILTER_SOURCES: dict[str, Source] = {s.name: s for s in [
            "stl_physical", where=("set", "I-PhysicalSafetySafe"),
            note="benign-but-edgy safety questions"),
 ]}
+# The registry sources (refjax.data.sources) the paper's single-source alignment set may use, as
+# the protocol sources they are rows of.
+FROM_REGISTRY = {"beavertails_alignment": "beavertails",
+                 "safety_tuned_llamas_alignment": "stl_alignment"}
 EDGY, EDGY_EVAL = "edgy_benign", "edgy_benign_eval"  # written here (refjax.data.edgy_benign)
 
 
@@ -178,4 +182,4 @@ def stable_perm(ids: Sequence[str], seed: int) -> list[int]:
 
 __all__ = ["Prompt", "Source", "FILTER_SOURCES", "ROLES", "HARMFUL", "HARMLESS", "names",
            "HARMFUL_TRAINABLE", "HARMFUL_EVAL_ONLY", "BENIGN_EVAL", "TASK_BENIGN_EVAL",
-           "GENERIC_HARMLESS", "EDGY", "EDGY_EVAL", "load_prompts", "edgy_benign", "stable_perm"]
+           "GENERIC_HARMLESS", "FROM_REGISTRY", "EDGY", "EDGY_EVAL", "load_prompts", "edgy_benign", "stable_perm"]

@@ -2,7 +2,8 @@
 never saw, in wordings it never saw, and on benign rows, at the run's own threshold.
 
 Scores, with the filter's scorer (`refjax.stages.scorer`), the eval-only harmful sources (never
-seen by the teacher, the probe, the layer choice or the threshold; plus `data.holdout_source`),
+seen by the teacher, the probe, the layer choice or the threshold; plus `data.holdout_source` and
+any trainable source the run's alignment data does not use),
 wrapped versions of those prompts (evaluation variants only), each task's benign test rows
 rendered as the filter renders user data, generic harmless instructions and benign-but-edgy
 requests. Any of them that near-duplicates a prompt the run trained, probed or calibrated on is
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from refjax.data.dedup import DupIndex
-from refjax.data.filter_sources import GENERIC_HARMLESS, HARMFUL_TRAINABLE, TASK_BENIGN_EVAL
+from refjax.data.filter_sources import (FROM_REGISTRY, GENERIC_HARMLESS, HARMFUL_EVAL_ONLY,
+                                        HARMFUL_TRAINABLE, TASK_BENIGN_EVAL)
 from refjax.data.folds import make_fold
 from refjax.data.teacher_mix import mix_names
 from refjax.data.wrappers import EVAL_VARIANTS, wrap_set
@@ -34,8 +36,11 @@ def run(r: Run) -> dict:
   cfg, wd, gc = r.cfg, r.wd, r.cfg.generalisation
   threshold = float(read_json(r.require(wd.filter_summary, "filter"))["threshold"])
   held_out = cfg.data.holdout_source or None
-  fold = make_fold(r.sets.pools(), held_out,
-                   harmful_sources=mix_names(cfg.data.alignment_mix) or HARMFUL_TRAINABLE)
+  seen_sources = mix_names(cfg.data.alignment_mix) or [
+      FROM_REGISTRY[n] for n in (cfg.data.alignment_harmful,) if n in FROM_REGISTRY]
+  unseen = [s for s in HARMFUL_TRAINABLE if s not in seen_sources and s != held_out]
+  fold = make_fold(r.sets.pools(), held_out, harmful_sources=seen_sources,
+                   unseen_eval=(*unseen, *HARMFUL_EVAL_ONLY))
   seen = DupIndex(e.instruction for e in (r.sets.alignment() + r.sets.probe()
                                           + r.sets.validation() + r.sets.calibration()))
   dropped = {}
