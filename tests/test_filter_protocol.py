@@ -130,6 +130,19 @@ def test_run_sets_never_see_the_held_out_source(shared_data_dir):
   assert sum("~" in e.id for e in align) == 2 * 2 * len(WRAPPER_FAMILIES)
 
 
+def test_rows_without_a_response_train_the_regulariser_only(shared_data_dir):
+  from refjax.data.records import Example
+  from refjax.stages.context import Run
+  from refjax.stages.workdir import Workdir
+  r = Run(_mix_config(), Workdir("unused"))
+  _, _, fmt = r.load()
+  rows = [Example(id="a", instruction="q", response="an answer", label="harmless"),
+          Example(id="b", instruction="q2", response="", label="harmless")]
+  a = r.training_arrays(rows, fmt)
+  assert a["loss_mask"][0].sum() > 0 and a["loss_mask"][1].sum() == 0
+  assert list(a["labels_sign"]) == [-1, -1]
+
+
 def test_round_robin_balances_sources():
   rows = [Prompt(id=f"{s}:{i}", instruction="", source=s) for s in "ab" for i in range(10)]
   assert [p.source for p in round_robin(rows, 4)] == ["a", "b", "a", "b"]
@@ -207,8 +220,9 @@ def test_tiny_run_writes_the_generalisation_report(tiny_workdir):
   assert {"threshold", "sources", "wrapped_recall", "benign_fpr", "in_distribution", "summary",
           "goals", "scorer", "layer", "seen_sources"} <= set(g)
   assert g["threshold"] == read_json(wd.filter_summary)["threshold"]
-  assert set(g["sources"]) == set(HARMFUL_EVAL_ONLY) - {"beavertails_eval"}
-  assert not set(g["sources"]) & set(g["seen_sources"])
+  assert g["seen_sources"] == ["beavertails"]  # the paper's alignment data (configs/tiny.py)
+  assert set(g["sources"]) == (set(HARMFUL_EVAL_ONLY) | set(HARMFUL_TRAINABLE)) - {
+      "beavertails_eval", "beavertails"}
   assert set(g["wrapped_recall"]) == set(WRAPPER_FAMILIES)
   assert {"alpaca_test", "sst2_test", "ag_news_test", "gsm8k_test"} <= set(g["benign_fpr"])
   assert g["scorer"] == "logistic" and wd.logistic_probe.is_file()
