@@ -66,6 +66,7 @@ def get_config(arg=None):
     c.teacher.refusal_update_every = 2
     c.teacher.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
+    c.data.update(n_harmless_mix=4, wrap_per_family=2)
     c.filter.update(n_calibration=16, n_fit=32)
     c.generalisation.update(n_source=8, n_benign=8, wrap_per_family=2)
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
