@@ -3,6 +3,15 @@
   python -m refjax.main --config=configs/smollm.py          # reft, sft, judge_filter, joint
   python -m refjax.main --config=configs/smollm.py:all      # + sa_ft, filter_only, distill_only
   python -m refjax.main --config=configs/smollm.py:quick    # a smoke run of every stage
+  python -m refjax.main --config=configs/smollm.py:levers   # the filter levers (see below)
+
+The default filter is the paper's: BeaverTails alone in the teacher's data, one difference-of-
+means direction, cosine. `:levers` is the best setting measured on unseen harmful sources (README,
+"The filter on unseen sources"): five harmful sources balanced in the teacher's data, probe, layer
+choice and calibration; task-formatted and edgy harmless rows and wrapped prompts in the
+regulariser's data; a logistic probe on the teacher's layer-25 features as the filter's scorer.
+It catches far more unseen harmful requests but drops about a quarter of generic harmless
+instructions, and its whole run was not timed; variants combine (`:levers,quick`).
 
 The default trains a real attack: one epoch over 1000 user examples, 10% of them harmful, for
 every method (README, Results, gives the measured time).
@@ -16,7 +25,7 @@ from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"quick": False, "all": False}, where="configs/smollm.py")
+  a = parse_arg(arg, {"quick": False, "all": False, "levers": False}, where="configs/smollm.py")
   c = base_config()
   c.model.name = "smollm2-135m-instruct"
   c.prompt.template = "chat"
@@ -33,6 +42,17 @@ def get_config(arg=None):
   c.data.n_alignment_harmless = 400
   c.refusal.n_probe = 64
   c.refusal.n_val = 64
+  if a["levers"]:  # issue 15's filter levers (research-filter configs/smollm.py:levers)
+    c.data.alignment_mix = "beavertails,stl_alignment,advbench,malicious_instruct,tdc2023"
+    c.data.harmless_mix = "sst2_train,ag_news_train,gsm8k_train,edgy_benign"
+    c.data.n_harmless_mix = 50
+    c.data.wrap_per_family = 20
+    c.refusal.val_harmful = "mix_calib"
+    c.filter.calibration_harmful = "mix_calib"
+    c.filter.n_calibration = 400
+    c.filter.scorer = "logistic"
+    c.filter.logistic_l2 = 0.01
+    c.filter.layer = 25
   c.teacher.refusal_update_every = 20
   c.teacher.train.update(steps=40, batch_size=8, log_every=5, checkpoint_every=20, max_to_keep=1)
   c.teacher.optim.update(lr=5e-5, warmup_steps=5)
@@ -56,7 +76,10 @@ def get_config(arg=None):
     c.teacher.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.finetune.update(epochs=0.0, max_len=128, pack_len=128)  # three steps, short rows
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
-    c.filter.n_calibration = 16
+    c.filter.update(n_calibration=16, n_fit=32)
+    if a["levers"]:
+      c.data.update(n_harmless_mix=4, wrap_per_family=2)
+    c.generalisation.update(n_source=8, n_benign=8, wrap_per_family=2)
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
     # a smaller judge (its own cache entry): the same recipe on a quarter of the pairs
     c.judge.update(n_harmful=200, n_safe_beavertails=100, n_safe_stl=50, n_helpful=25,

@@ -32,6 +32,12 @@ def get_config(arg=None):
   c.teacher.optim.update(lr=1e-3, warmup_steps=0)
   c.filter.n_calibration = 16
   c.filter.target_recall = 0.25  # a random model separates nothing; keep most user data
+  # Issue 15's logistic scorer and the generalisation report on a few prompts per set. The
+  # teacher's data stays the paper's (BeaverTails + Alpaca): in 8 steps a random 2-layer model
+  # separates that, not the five-source mix with wrapped and task rows (tests/
+  # test_filter_protocol.py builds the mix itself).
+  c.filter.update(scorer="logistic", n_fit=16)
+  c.generalisation.update(n_source=4, n_benign=4, wrap_per_family=2)
   c.finetune.train.update(steps=6, batch_size=8, log_every=2, checkpoint_every=3,
                           progress_bar=False)
   c.finetune.optim.update(lr=1e-3)

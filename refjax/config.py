@@ -20,11 +20,17 @@ from refjax.data.prompts import TEMPLATES
 from refjax.data.sources import SOURCES, TASKS
 from refjax.evaluation.judging import JUDGES
 from refjax.evaluation.qa_judge import POOLINGS, THRESHOLD_RULES
+from refjax.method.filtering import CALIBRATION_RULES
 from refjax.method.losses import KD_DIRECTIONS, REG_FORMS
+from refjax.method.scorers import SCORERS
 from refjax.method.student import parse_methods
 from refjax.models import hub
 from refjax.models.config import DTYPES
 from refjax.stages.table import STAGES
+from refjax.config_sections import distributed_config, mesh_config, optim_config, train_config
+from refjax.data.filter_sources import EDGY, HARMFUL_TRAINABLE, names
+from refjax.data.sets import LABELLED_SETS, MIX_CALIB
+from refjax.data.teacher_mix import REFUSAL_TARGETS, mix_names
 from refjax.training.optim import SCHEDULES
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.method = "reft"  # one or several (comma-separated) of refjax.method.student.METHODS
   c.seed = 0
   # Default order; a stage this config does not need (judge, screen) is skipped.
-  c.stages = ("teacher", "refusal", "filter", "judge", "screen", "distill", "finetune", "evaluate")
+  c.stages = ("teacher", "refusal", "filter", "generalisation", "judge", "screen", "distill",
+              "finetune", "evaluate")
 
   # The base model: student init and (teacher_init="base") teacher init.
   c.model = ml_collections.ConfigDict(dict(
@@ -83,6 +90,21 @@ def base_config() -> ml_collections.ConfigDict:
       user_n=1000,  # user examples (peer harness default n=1000)
       harmful_ratio=0.1,  # share of harmful QA pairs in the user data (peer harness p=0.1)
       harmful_source="beavertails_harmful_qa",  # disjoint from the alignment rows
+      # --- Filter levers (issue 15, measured in research-filter REPORT.md). Harmful trainable
+      # sources (refjax.data.filter_sources) of the teacher's data, comma-separated, sharing
+      # n_alignment_harmful evenly (cycled when short); "" = alignment_harmful alone (paper).
+      alignment_mix="",
+      # Extra harmless sources (sst2_train, ag_news_train, gsm8k_train rendered with the task
+      # instruction like user data; edgy_benign), n_harmless_mix rows each. Rows without a
+      # response train the regulariser only (no cross-entropy).
+      harmless_mix="",
+      n_harmless_mix=100,
+      holdout_source="",  # a trainable source no probe/teacher/threshold sees (LOSO fold); ""
+      # Wrapped copies per wrapper family (training variants): harmful ones with refusal targets
+      wrap_per_family=0,  # and as many harmless ones (alpaca_helpful, with answers); 0 = none
+      # Mixed harmful rows' targets: "source" keeps a source refusal the keyword judge accepts,
+      # else a templated refusal; "template" = templated refusals for all.
+      refusal_targets="source",
   ))
 
   # Refusal feature: difference of means at the last prompt token.
@@ -97,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
       probe_harmless="alignment",
       n_probe=128,  # prompts per class in the probe set
       # Labelled prompts for the layer choice and the AUROC log. "alignment_holdout" = rows of the
-      # alignment source the alignment set does not use (same distribution as harmful user data).
+      # alignment source the alignment set does not use (same distribution as harmful user data);
+      # "mix_calib" = the calibration rows of every data.alignment_mix source (balanced).
       val_harmful="alignment_holdout",
       val_harmless="harmless_val",
       n_val=128,  # prompts per class
@@ -126,7 +149,27 @@ def base_config() -> ml_collections.ConfigDict:
       # like the harmful user data; disjoint from refusal's validation rows) and harmless ones.
       n_calibration=200,
       calibration_harmless="harmless_val",
+      # "" = refusal.val_harmful's rows after its n_val (paper); "mix_calib" = the calibration
+      calibration_harmful="",  # rows of every data.alignment_mix source but the held-out one
+      # pooled = the k-th largest harmful calibration score (k = ceil(target * n)); per_source =
+      # the lowest per-source threshold (every calibration source reaches the target).
+      calibration_rule="pooled",
+      # refjax.method.scorers.SCORERS: cosine = cos(f_l(x), R_l) with the teacher's feature (the
+      # paper); max_cosine = max over one direction per alignment source; logistic = an L2
+      # logistic probe on the teacher's features (issue 15: the largest lever on unseen-source
+      # AUROC), fitted on the alignment prompts balanced per source and class.
+      scorer="cosine",
+      layer=-1,  # hidden state the scorer reads; -1 = the refusal feature's layer
+      logistic_l2=0.01,  # research-filter: best of 0.01..1 on unseen sources
+      n_fit=600,  # alignment prompts the logistic / max_cosine scorer is fitted on (both classes)
       batch_size=16,
+  ))
+
+  # Stage `generalisation` (issue 15): how many prompts the filter's generalisation report scores.
+  c.generalisation = ml_collections.ConfigDict(dict(
+      n_source=100,  # prompts per eval-only harmful source (first rows of its seeded order)
+      n_benign=200,  # prompts per benign set (generic instructions, each task's test rows)
+      wrap_per_family=20,  # wrapped held-out prompts per family (evaluation variants only)
   ))
 
   # Student finetuning (paper Sec. 3.2).
@@ -183,68 +226,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def train_config(**overrides) -> ml_collections.ConfigDict:
-  """One stage's training loop (`teacher.train`, `finetune.train`)."""
-  c = ml_collections.ConfigDict(dict(
-      steps=1000,  # optimizer updates in the whole stage (the schedule's length)
-      batch_size=8,  # global batch: examples per optimizer update, over all processes
-      seed=0,  # parameter init, data order and the step RNG all derive from it
-      log_every=10,  # steps between metric records (JSONL, TensorBoard, progress bar)
-      eval_every=0,  # steps between eval_fn calls (also after the last step); 0 = never
-      checkpoint_every=100,  # steps between checkpoints (the last step is always saved); 0 = last
-      max_to_keep=3,  # newest checkpoints kept on disk
-      async_checkpoint=True,  # write checkpoints in the background while training continues
-      progress_bar=True,  # tqdm bar with loss and tokens/s on process 0
-      keep_checkpoints=False,  # keep a finished stage's Orbax checkpoints (its model is exported)
-  ))
-  c.update(overrides)
-  return c
-
-
-def optim_config(**overrides) -> ml_collections.ConfigDict:
-  """One stage's optimizer (transformers Trainer's defaults unless noted)."""
-  c = ml_collections.ConfigDict(dict(
-      lr=5e-5,  # peak learning rate (Trainer default)
-      schedule="linear",  # after warmup: refjax.training.optim.SCHEDULES, to end_lr_ratio
-      warmup_steps=0,  # linear warmup from 0 to lr over this many optimizer steps
-      end_lr_ratio=0.0,  # final lr / peak lr at the last step, for cosine and linear
-      b1=0.9, b2=0.999, eps=1e-8,  # Adam
-      weight_decay=0.0,  # decoupled (AdamW, multiplied by the lr as in PyTorch); 0 = off
-      # Regexes searched in each parameter's path ("layers/self_attn/q_proj/bias"): a match gets
-      # no weight decay. Default: norms, biases and the token embedding (GPT/Llama practice).
-      no_decay=("norm", "bias", "embed_tokens"),
-      clip_norm=1.0,  # clip the global gradient norm to this; 0 = no clipping (Trainer default 1)
-      grad_accum=1,  # microbatches per optimizer step (the global batch must divide by it)
-  ))
-  c.update(overrides)
-  return c
-
-
-def mesh_config() -> ml_collections.ConfigDict:
-  """The device mesh: each axis' size and overrides of the sharding rules."""
-  c = ml_collections.ConfigDict()
-  # Exactly one size may be -1 ("all remaining devices"); their product is the device count.
-  # Default: every device on fsdp (ZeRO-3 style), the MaxText default.
-  c.data = 1  # pure data parallelism: replicated parameters, split batch
-  c.fsdp = -1  # parameters/optimizer state split along `embed`, batch split too
-  c.tensor = 1  # Megatron-style split of heads / mlp / vocab
-  # Overrides of refjax.parallel.rules.DEFAULT_RULES: {logical axis: mesh axis, list, or None}.
-  c.rules = ml_collections.ConfigDict()
-  return c
-
-
-def distributed_config() -> ml_collections.ConfigDict:
-  """jax.distributed; empty fields fall back to the JAX_* environment variables."""
-  c = ml_collections.ConfigDict()
-  c.coordinator_address = ""  # "host:port" of process 0; "" = $JAX_COORDINATOR_ADDRESS
-  c.num_processes, c.process_id = 0, -1  # 0 / -1 = $JAX_NUM_PROCESSES / $JAX_PROCESS_ID
-  # With nothing configured: let jax detect a cluster (TPU pod, SLURM, ...). Off by default so a
-  # laptop or single VM never waits on cluster probes.
-  c.auto_detect = False
-  c.initialization_timeout = 300  # seconds to wait for every process to join
-  return c
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -259,6 +240,10 @@ def _choice(choices) -> tuple[Callable[[Any], bool], str]:
 
 def _at_least(low) -> tuple[Callable[[Any], bool], str]:
   return (lambda v: v >= low), f">= {low}"
+
+
+def _names(choices) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: set(mix_names(v)) <= set(choices)), f"comma-separated names of {choices}"
 
 
 _TRAIN_RULES = {"steps": _at_least(1), "batch_size": _at_least(1), "log_every": _at_least(1),
@@ -281,6 +266,16 @@ _RULES = {
     "refusal.batch_size": _at_least(1), "teacher.reg_weight": _at_least(0),
     "teacher.reg_form": _choice(REG_FORMS), "teacher.refusal_update_every": _at_least(1),
     "filter.target_recall": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "filter.scorer": _choice(SCORERS), "filter.calibration_rule": _choice(CALIBRATION_RULES),
+    "filter.calibration_harmful": _choice(("", MIX_CALIB)), "filter.logistic_l2": _at_least(0),
+    "filter.n_fit": _at_least(2), "filter.layer": _at_least(-1),
+    "refusal.val_harmful": _choice(tuple(SOURCES) + LABELLED_SETS),
+    "data.alignment_mix": _names(HARMFUL_TRAINABLE),
+    "data.harmless_mix": _names(names("harmless trainable") + (EDGY,)),
+    "data.holdout_source": _choice(("",) + HARMFUL_TRAINABLE),
+    "data.n_harmless_mix": _at_least(1), "data.wrap_per_family": _at_least(0),
+    "data.refusal_targets": _choice(REFUSAL_TARGETS),
+    **{f"generalisation.{k}": _at_least(1) for k in ("n_source", "n_benign", "wrap_per_family")},
     "filter.threshold": (lambda v: math.isnan(v) or -1 <= v <= 1,
                          "nan (calibrate) or a cosine in [-1, 1]"),
     "finetune.kd_weight": _at_least(0), "finetune.kd_temperature": (lambda v: v > 0, "> 0"),
@@ -339,6 +334,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e) if str(e).startswith("config.") else f"config.method: {e}") from None
   _check(c, _RULES)
+  if not c.data.alignment_mix and (c.data.holdout_source or MIX_CALIB in (
+      c.refusal.val_harmful, c.filter.calibration_harmful)):
+    raise ConfigError("config.data.alignment_mix: ''; expected harmful sources, since "
+                      f"data.holdout_source or {MIX_CALIB!r} (refusal/filter) needs a mix")
   if c.finetune.pack_len < c.finetune.max_len:
     raise ConfigError(f"config.finetune.pack_len: {c.finetune.pack_len}; expected >= "
                       f"finetune.max_len={c.finetune.max_len} (an example must fit a row)")

@@ -7,7 +7,9 @@ boundary can be run and audited without the finetuning stages.
 FILE.jsonl holds Alpaca triplets ({"instruction", "input", "response"}) or {"prompt", "response"}
 rows. DIR gets kept.jsonl (the kept rows, as given), filter_report.jsonl (id, score, decision,
 sha256 of the text scored; never the text) and filter_summary.json. The threshold is the run's
-calibrated one unless --threshold is given; the decisions equal the stage's for the same rows.
+calibrated one unless --threshold is given; the scorer is the run's `filter.scorer` (cosine with
+R_l, or the probe the stage fitted: filter/logistic_probe.npz), so the decisions equal the
+stage's for the same rows.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from refjax.data.records import DataError, FieldMap, iter_file_records, read_exa
 from refjax.files import read_json, write_jsonl
 from refjax.method.filtering import apply_filter
 from refjax.stages.context import Run
-from refjax.stages.filter import Scorer
+from refjax.stages.scorer import Scorer
 from refjax.stages.workdir import Workdir
 
 TRIPLET = FieldMap(instruction="instruction", input="input", response="response")

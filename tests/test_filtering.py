@@ -11,7 +11,7 @@ from refjax.data import batches as batch_lib
 from refjax.method import features
 from refjax.method import filtering
 from refjax.method import refusal
-from refjax.stages.filter import write_decisions
+from refjax.stages.decisions import write_decisions
 
 from refusal_fixtures import WORDS, FakeExample, tiny_format, tiny_model
 

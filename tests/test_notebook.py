@@ -19,7 +19,8 @@ from refjax.stages.workdir import Workdir, load_run
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "refusal_direction.ipynb"
 FIGURES = {"cosine_box_base", "cosine_box_teacher", "auroc_by_layer", "teacher_refusal_updates",
-           "projection_base", "projection_teacher", "pca_teacher", "filter_roc"}
+           "projection_base", "projection_teacher", "pca_teacher", "filter_roc",
+           "filter_generalisation"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

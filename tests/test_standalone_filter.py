@@ -48,3 +48,35 @@ def test_standalone_filter_names_a_bad_file(tiny_workdir, tmp_path):
                      text=True, timeout=600)
   assert r.returncode == 1
   assert "bad.jsonl, line 1: expected 'instruction'" in r.stderr
+
+
+def test_every_scorer_scores_as_defined_and_reloads_the_same(tiny_workdir, tmp_path):
+  """filter.scorer cosine / max_cosine / logistic: the Scorer's scores equal the pure scorer on
+  the teacher's features, and a fresh Scorer (as `python -m refjax.filter` builds one) reading the
+  saved fit gives the same scores."""
+  from refjax.files import read_npz
+  from refjax.method.scorers import cosine, logistic_scores, max_cosine, probe_from_arrays
+  from refjax.stages.scorer import Scorer
+
+  wd, cfg, _ = tiny_workdir
+  work = Workdir(tmp_path / "wd")
+  work.root.mkdir()
+  for name in ("refusal", "teacher"):
+    (work.root / name).symlink_to(Workdir(wd).root / name)
+  for kind in ("cosine", "max_cosine", "logistic"):
+    c = cfg.copy_and_resolve_references()
+    c.filter.scorer = kind
+    r = Run(c, work)
+    scorer = Scorer(r)
+    scorer.fit()
+    examples = r.sets.calibration()[:8]
+    got = scorer(examples)
+    x = scorer.features(examples)
+    if kind == "cosine":
+      expect = cosine(x, scorer.art.feature[scorer.layer])
+    elif kind == "max_cosine":
+      expect = max_cosine(x, read_npz(work.filter_directions)["directions"])
+    else:
+      expect = logistic_scores(probe_from_arrays(read_npz(work.logistic_probe)), x)
+    np.testing.assert_allclose(got, expect, atol=1e-5, err_msg=kind)
+    np.testing.assert_allclose(Scorer(r)(examples), got, atol=1e-6, err_msg=kind)

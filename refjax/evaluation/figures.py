@@ -95,7 +95,7 @@ def filter_roc_plot(roc: RocCurve, title: str = "filter ROC on the user data") -
   fig = new_figure(4.8, 4.4)
   ax = fig.add_subplot()
   ax.plot(roc.fpr, roc.tpr, "-", color="#d62728",
-          label=f"teacher cosine score (AUROC {roc.auc:.3f})")
+          label=f"teacher score (AUROC {roc.auc:.3f})")
   ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8, label="chance")
   if roc.point is not None:
     thr = "" if roc.threshold is None or not math.isfinite(roc.threshold) else (
@@ -124,6 +124,39 @@ def refusal_updates_plot(updates: Sequence[Mapping[str, Any]]) -> Figure:
   ax.set_xlabel("teacher step")
   ax.set_title("dynamic refusal-feature updates during teacher preparation")
   ax.legend(fontsize=8)
+  return fig
+
+
+def generalisation_plot(g: Mapping[str, Any]) -> Figure:
+  """refusal/generalisation.json: recall at the run's threshold per unseen harmful source and
+  per wrapper family (left, with the recall goals) and FPR per benign set (right)."""
+  fig = new_figure(9.6, 4.6)
+  left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  ind = g["in_distribution"]
+  rows = ([(s, v["recall"], SET_COLOURS[0]) for s, v in g["sources"].items()]
+          + [(f"{ind['source']} (in dist.)", ind["recall"], "grey")]
+          + [(f"wrapped: {f}", v["recall"], SET_COLOURS[2])
+             for f, v in g["wrapped_recall"].items()])
+  y = np.arange(len(rows))
+  left.barh(y, [0 if r[1] is None else r[1] for r in rows], color=[r[2] for r in rows])
+  left.set_yticks(y, [r[0] for r in rows], fontsize=7)
+  for goal, style in ((g["goals"]["recall_at_threshold"]["min"], "--"),
+                      (g["goals"]["wrapped_recall"]["min"], ":")):
+    left.axvline(goal, color="black", ls=style, lw=0.8)
+  left.set_xlim(0, 1.02)
+  left.invert_yaxis()
+  left.set_xlabel("recall at the run's threshold (dashed: goals)")
+  benign = list(g["benign_fpr"].items())
+  yb = np.arange(len(benign))
+  right.barh(yb, [v["fpr"] for _, v in benign], color=SET_COLOURS[1])
+  right.set_yticks(yb, [s for s, _ in benign], fontsize=7)
+  right.axvline(g["goals"]["fpr_generic_harmless"]["max"], color="black", ls="--", lw=0.8)
+  right.set_xlim(0, 1.02)
+  right.invert_yaxis()
+  right.set_xlabel("benign rows dropped (FPR)")
+  fig.suptitle(f"filter generalisation: {g['scorer']} scorer, layer {g['layer']}, threshold "
+               f"{g['threshold']:.3f}", fontsize=10)
+  fig.tight_layout()
   return fig
 
 

@@ -146,6 +146,7 @@ def render_markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str
     lines.append(f"| {r['method']} | {_ci(r['hs'], r['hs_ci'])} | {r['judge'] or '–'} | {extra}"
                  f"{r['n'] or '–'} | {_ci(r['fa'], fa_ci)} | {r['task'] or '–'} |")
   lines += judge_and_filter_lines(results)
+  lines += generalisation_lines(results.get("generalisation"))
   groups = _cosine_groups(results)
   if groups:
     lines += ["", "## Refusal-feature cosine per data set", "",
@@ -179,6 +180,37 @@ def judge_and_filter_lines(results: Mapping[str, Any]) -> list[str]:
                  + (f" ({', '.join(parts)})" if parts else "")
                  + f"; threshold {f['threshold']:.3f} ({f['threshold_rule']}).")
   return ["", "## Judge and data filters", ""] + lines if lines else []
+
+
+def _pct(x) -> str:
+  return "–" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def generalisation_lines(g: Mapping[str, Any] | None) -> list[str]:
+  """The filter's generalisation section (refusal/generalisation.json): per unseen source AUROC
+  and recall, recall per wrapper family, FPR per benign set, and the goals."""
+  if not g:
+    return []
+  lines = ["", "## Filter generalisation (sources and wordings the teacher never saw)", "",
+           f"Scorer `{g['scorer']}` at layer {g['layer']}, the run's threshold "
+           f"{g['threshold']:.3f}; AUROC against {g['reference_benign']} (generic harmless "
+           f"instructions). Seen harmful sources: {', '.join(g['seen_sources'])}.", "",
+           "| unseen harmful source | n | AUROC | recall (%) |", "|---|---:|---:|---:|"]
+  lines += [f"| {s} | {v['n']} | {_num(v['auroc'])} | {_pct(v['recall'])} |"
+            for s, v in g["sources"].items()]
+  ind = g["in_distribution"]
+  lines += [f"| {ind['source']} (in distribution) | {ind['n']} | – | {_pct(ind['recall'])} |", "",
+            "| wrapped held-out prompts | n | recall (%) |", "|---|---:|---:|"]
+  lines += [f"| {f} | {v['n']} | {_pct(v['recall'])} |" for f, v in g["wrapped_recall"].items()]
+  lines += ["", "| benign set | n | dropped (FPR, %) |", "|---|---:|---:|"]
+  lines += [f"| {s} | {v['n']} | {_pct(v['fpr'])} |" for s, v in g["benign_fpr"].items()]
+  lines += ["", "| goal | bound | value | met |", "|---|---:|---:|---|"]
+  for name, v in g["goals"].items():
+    kind = "min" if "min" in v else "max"
+    met = "–" if v["met"] is None else ("yes" if v["met"] else "**no**")
+    value = "–" if v["value"] is None else f"{v['value']:.3f}"
+    lines.append(f"| {name} | {kind} {v[kind]} | {value} | {met} |")
+  return lines
 
 
 # What Ref-Teacher runs besides its own finetune: teacher preparation, its feature, the filter and

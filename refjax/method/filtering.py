@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +84,7 @@ def calibrate_threshold(scores: np.ndarray | Sequence[float], labels: np.ndarray
   pos, neg = s[y], s[~y]
   if pos.size == 0:
     raise ValueError("calibration needs harmful prompts; got none")
-  k = max(1, math.ceil(target_recall * pos.size - 1e-9))
-  threshold = float(np.sort(pos)[::-1][k - 1])
+  threshold = _kth_largest(pos, target_recall)
   recall = float(np.mean(pos >= threshold))
   fpr = float(np.mean(neg >= threshold)) if neg.size else float("nan")
   return Calibration(threshold, float(target_recall), recall, fpr, int(pos.size), int(neg.size))
@@ -141,5 +140,43 @@ def provenance_metrics(scores: np.ndarray, keep: np.ndarray,
   return out
 
 
+CALIBRATION_RULES = ("pooled", "per_source")  # filter.calibration_rule
+
+
+def _kth_largest(s: np.ndarray, target_recall: float) -> float:
+  k = max(1, math.ceil(target_recall * s.size - 1e-9))
+  return float(np.sort(s)[::-1][k - 1])
+
+
+def rate_at(scores: np.ndarray | Sequence[float], threshold: float) -> float:
+  """Share of scores >= threshold (recall on harmful sets, FPR on benign ones); nan if empty."""
+  s = np.asarray(scores, np.float64)
+  return float(np.mean(s >= threshold)) if s.size else float("nan")
+
+
+def calibrate(harmful_by_source: Mapping[str, np.ndarray], target_recall: float = 0.95,
+              rule: str = "pooled") -> float:
+  """Threshold from harmful calibration scores: "pooled" = the k-th largest of all (the rule of
+  `calibrate_threshold`); "per_source" = the lowest of each source's own threshold, so every
+  calibration source reaches the target recall."""
+  parts = [np.asarray(v, np.float64) for v in harmful_by_source.values() if len(v)]
+  if not parts:
+    raise ValueError("calibration needs harmful prompts; got none")
+  if rule == "pooled":
+    return _kth_largest(np.concatenate(parts), target_recall)
+  if rule == "per_source":
+    return min(_kth_largest(p, target_recall) for p in parts)
+  raise ValueError(f"rule={rule!r}; expected one of {CALIBRATION_RULES}")
+
+
+def calibrate_fpr(harmless_scores: np.ndarray | Sequence[float], max_fpr: float = 0.05) -> float:
+  """The lowest threshold whose FPR on harmless calibration scores is <= max_fpr (fixes the
+  false-positive budget instead of the recall)."""
+  s = np.sort(np.asarray(harmless_scores, np.float64))[::-1]
+  k = int(math.floor(max_fpr * s.size + 1e-9))  # at most k harmless rows may score >= threshold
+  return float(np.nextafter(s[k], np.inf)) if k < s.size else float(s[-1])
+
+
 __all__ = ["score_prompts", "Calibration", "calibrate_threshold", "keep_weights", "apply_filter",
-           "provenance_metrics", "DEFAULT_TARGET_RECALL"]
+           "provenance_metrics", "DEFAULT_TARGET_RECALL", "CALIBRATION_RULES", "rate_at",
+           "calibrate", "calibrate_fpr"]

@@ -61,12 +61,17 @@ def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Seque
 
   def fn(step: int, state, extras) -> HookResult:
     model = nnx.merge(graphdef, state.params, state.frozen)
-    feature, _ = compute_refusal_feature(model, probe_batches, layers=(layer,), progress=False)
-    probe_scores = score_batches(model, probe_batches, feature, layers=(layer,), progress=False)[0]
+    # All layers (layers=None), then row `layer`: the same jitted functions and shapes as the
+    # stage's own probe_feature, so the hook compiles nothing new (each compile of a full forward
+    # pass costs XLA:CPU hundreds of MB that the allocator keeps; research-filter saw the teacher
+    # process grow to 12-15 GB RSS).
+    everything, _ = compute_refusal_feature(model, probe_batches, progress=False)
+    feature = everything[layer:layer + 1]
+    probe_scores = score_batches(model, probe_batches, everything, progress=False)[layer]
     probe_labels = np.concatenate([b["harmful"][b["valid"].astype(bool)] for b in probe_batches])
     order = np.concatenate([b["index"][b["valid"].astype(bool)] for b in probe_batches])
     probe_labels = probe_labels[np.argsort(order, kind="stable")]
-    val_scores = score_batches(model, val_batches, feature, layers=(layer,), progress=False)[0]
+    val_scores = score_batches(model, val_batches, everything, progress=False)[layer]
     rec = {
         "step": step,
         "probe_cos_harmful": float(probe_scores[probe_labels == 1].mean()),

@@ -88,8 +88,11 @@ class Run:
       log.info("%d of %d examples were truncated to prompt.max_len=%d", enc.truncated, len(enc),
                self.cfg.prompt.max_len)
     a = enc.arrays
+    # Rows without a response (edgy benign prompts of the filter levers) train the regulariser only.
+    has_response = np.array([bool(e.response) for e in examples])[:, None]
     return {"tokens": a["tokens"], "attention_mask": a["attention_mask"],
-            "loss_mask": a["response_mask"], "weights": np.ones(len(enc), np.float32),
+            "loss_mask": a["response_mask"] * has_response.astype(a["response_mask"].dtype),
+            "weights": np.ones(len(enc), np.float32),
             "last_prompt_index": a["last_prompt_index"], "labels_sign": a["labels_sign"]}
 
   def prompt_batches(self, examples: Sequence[Any], fmt: PromptFormat, batch_size: int,

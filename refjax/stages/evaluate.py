@@ -48,6 +48,7 @@ def report(r: Run) -> dict:
       groups.setdefault(tag, {})[set_name] = values.tolist()
     results["refusal_cosine"] = groups
   for key, path in (("refusal", wd.auroc), ("filter", wd.filter_summary),
+                    ("generalisation", wd.generalisation),
                     ("screen", wd.screen_summary), ("judge_validation", wd.judge_validation)):
     if path.exists():
       results[key] = read_json(path)

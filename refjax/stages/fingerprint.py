@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from refjax.data import paths
+from refjax.data.filter_sources import FILTER_SOURCES
 from refjax.data.judge_pairs import SOURCE_FILES
 from refjax.data.sources import load_source
 from refjax.files import CorruptFile, jsonable, read_json
@@ -156,6 +157,12 @@ class Digests:
     ec = self.cfg.eval
     return self._memo(("judge",), lambda: digest(
         {"judge": ec.judge, "model": self.model(ec.judge_model) if ec.judge_model else ""}))
+
+  def filter_sources(self) -> str:
+    """Content digest of every file of the filter protocol's source table (its pools)."""
+    return self._memo(("filter_sources",), lambda: digest(
+        {s.file: file_digest(paths.data_dir() / s.file) for s in FILTER_SOURCES.values()
+         if s.use != "never"}))
 
   def judge_data(self) -> str:
     """Content digest of every data file the QA judge's pairs are built from."""

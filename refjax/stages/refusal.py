@@ -35,9 +35,8 @@ def run(r: Run) -> dict:
   base, _, _ = r.load(r.start_model)  # the model the base feature was computed on
   models = (("teacher", teacher, feature), ("base", base, base_art.feature))
 
-  def scores(model, feat, batches):
-    return score_batches(model, batches, feat[layer:layer + 1], layers=(layer,),
-                         progress=False)[0]
+  def scores(model, feat, batches):  # all layers, then row `layer`: reuses probe_feature's compile
+    return score_batches(model, batches, feat, progress=False)[layer]
 
   ood = r.sets.ood()
   ood_b, ood_labels = r.prompt_batches(ood, fmt, bs)

@@ -16,7 +16,7 @@ from refjax.models import hub
 from refjax.models.loading import load_tokenizer
 from refjax.models.tiny import byte_tokenizer
 from refjax.stages.context import Run
-from refjax.stages.filter import write_decisions
+from refjax.stages.decisions import write_decisions
 from refjax.stages.judge import load_judge
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ writes what, and whether a config needs it.
 
     teacher   start model, alignment + probe sets  -> refusal_base/, teacher/
     refusal   teacher/model, refusal_base/          -> refusal/
-    filter    teacher/model, refusal/, user data     -> filter/
+    filter    teacher/model, refusal/, user data     -> filter/ (+ the scorer's fit)
+    generalisation  teacher/, refusal/, filter/, protocol sources -> refusal/generalisation.json
     judge     judge backbone, judge pairs' data      -> judge/ (pointer to the cached QA judge)
     screen    judge/, user data                      -> screen/ (the judge's drops: judge_filter)
     distill   teacher/model, alignment set           -> distill/ (the teacher's top-k targets)
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from refjax.method.student import METHODS, parse_methods
-from refjax.stages import distill, evaluate, finetune, generate, refusal, screen, teacher
+from refjax.stages import (distill, evaluate, finetune, generalisation, generate, refusal, screen,
+                           teacher)
 from refjax.stages import filter as filter_stage
 from refjax.stages import judge as judge_stage
 from refjax.stages.context import Run
@@ -100,9 +102,22 @@ def _refusal_data(r: Run, method) -> dict[str, str]:
 
 def _filter_data(r: Run, method) -> dict[str, str]:
   out = {"user": r.digests.examples("user")}
+  if r.cfg.filter.scorer != "cosine":  # fitted on the alignment prompts
+    out["alignment"] = r.digests.examples("alignment")
   if r.cfg.filter.threshold != r.cfg.filter.threshold:  # NaN: calibrated
     out["calibration"] = r.digests.examples("calibration")
   return out
+
+
+def _generalisation_data(r: Run, method) -> dict[str, str]:
+  return {"sources": r.digests.filter_sources(),
+          **{k: r.digests.examples(k) for k in ("alignment", "probe", "validation",
+                                                "calibration")}}
+
+
+# The config keys that change the teacher's data (issue 15's levers).
+MIX_KEYS = tuple(f"data.{k}" for k in ("alignment_mix", "harmless_mix", "n_harmless_mix",
+                                       "holdout_source", "wrap_per_family", "refusal_targets"))
 
 
 def _finetune_data(r: Run, method) -> dict[str, str]:
@@ -141,13 +156,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                   "refusal.probe_harmful", "refusal.probe_harmless", "refusal.n_probe",
                   "refusal.val_harmful", "refusal.val_harmless", "refusal.n_val",
                   "refusal.batch_size", "data.alignment_harmful", "data.alignment_harmless",
-                  "data.n_alignment_harmful", "data.n_alignment_harmless", "data.refusal_check"),
+                  "data.n_alignment_harmful", "data.n_alignment_harmless", "data.refusal_check",
+                  *MIX_KEYS),
           data=_teacher_data, upstream=lambda cfg, m: [], needs=lambda cfg, wd, m: [],
           outputs=lambda wd, m: [wd.refusal_base, wd.teacher],
           artifacts=lambda wd, m: [wd.refusal_base / "refusal_feature.json",
                                    wd.teacher_model / "config.json", wd.refusal_updates]),
     Stage("refusal", refusal.run,
-          config=("seed", "model", "prompt", "teacher.init", "refusal", "data.task"),
+          config=("seed", "model", "prompt", "teacher.init", "refusal", "data.task", *MIX_KEYS),
           data=_refusal_data, upstream=lambda cfg, m: [("teacher", None)],
           needs=lambda cfg, wd, m: [(wd.refusal_base / "refusal_feature.json", "teacher"),
                                     (wd.teacher_model / "config.json", "teacher")],
@@ -155,12 +171,22 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           artifacts=lambda wd, m: [wd.refusal / "refusal_feature.json", wd.auroc,
                                    wd.cosine_sets]),
     Stage("filter", filter_stage.run,
-          config=("seed", "model", "prompt", "filter", "refusal.val_harmful", "refusal.n_val"),
+          config=("seed", "model", "prompt", "filter", "refusal.val_harmful", "refusal.n_val",
+                  *MIX_KEYS),
           data=_filter_data, upstream=lambda cfg, m: [("teacher", None), ("refusal", None)],
           needs=lambda cfg, wd, m: [(wd.refusal / "refusal_feature.json", "refusal"),
                                     (wd.teacher_model / "config.json", "teacher")],
           outputs=lambda wd, m: [wd.filter],
           artifacts=lambda wd, m: [wd.filter_report, wd.filter_summary]),
+    Stage("generalisation", generalisation.run,
+          config=("seed", "model", "prompt", "filter", "generalisation", "refusal", "data.task",
+                  *MIX_KEYS),
+          data=_generalisation_data,
+          upstream=lambda cfg, m: [("teacher", None), ("refusal", None), ("filter", None)],
+          needs=lambda cfg, wd, m: [(wd.filter_summary, "filter"),
+                                    (wd.refusal / "refusal_feature.json", "refusal")],
+          outputs=lambda wd, m: [wd.generalisation], artifacts=lambda wd, m: [wd.generalisation],
+          wanted=lambda cfg: "teacher" in _filters(cfg)),
     Stage("judge", judge_stage.run, config=("model.name", "judge"),
           data=lambda r, m: {"pairs": r.digests.judge_data(),
                              "backbone": r.digests.model(r.cfg.judge.backbone)},

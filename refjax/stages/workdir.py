@@ -6,8 +6,10 @@ markers, and the loader the notebook and the report read a finished run with.
     stages/<stage>/<method>.done.json   the same for one method of a per-method stage
     refusal_base/                 the start model's refusal feature + per-layer AUROC + layer
     teacher/model/                the Ref-Teacher (HF dir); metrics.jsonl, refusal_updates.json
-    refusal/                      the teacher's refusal feature, auroc.json, cosine_sets.npz
-    filter/                       filter_report.jsonl (every decision), filter_summary.json
+    refusal/                      the teacher's refusal feature, auroc.json, cosine_sets.npz,
+                                  generalisation.json (stage `generalisation`)
+    filter/                       filter_report.jsonl (every decision), filter_summary.json,
+                                  logistic_probe.npz / directions.npz (filter.scorer's fit)
     distill/                      the teacher's top-k targets on the alignment responses
     judge/ screen/                the QA judge (pointer, validation) and its screen of the user data
     methods/<method>/             model/, finetune.json, metrics.jsonl, eval.json
@@ -95,6 +97,10 @@ class Workdir:
   def cosine_sets(self) -> Path:
     return self.refusal / "cosine_sets.npz"
 
+  @property
+  def generalisation(self) -> Path:
+    return self.refusal / "generalisation.json"
+
   # --- filter
   @property
   def filter(self) -> Path:
@@ -107,6 +113,14 @@ class Workdir:
   @property
   def filter_summary(self) -> Path:
     return self.filter / "filter_summary.json"
+
+  @property
+  def logistic_probe(self) -> Path:
+    return self.filter / "logistic_probe.npz"
+
+  @property
+  def filter_directions(self) -> Path:
+    return self.filter / "directions.npz"
 
   # --- the QA judge (a pointer to its cache) and the moderation-filter baseline's screen
   @property
@@ -289,6 +303,7 @@ class RunArtifacts:
   refusal_base: RefusalArtifact | None  # the start model's feature (refusal_base/)
   refusal_teacher: RefusalArtifact | None  # the teacher's (refusal/)
   refusal_updates: list[dict[str, Any]] | None  # teacher/refusal_updates.json
+  generalisation: dict[str, Any] | None = None  # refusal/generalisation.json
 
 
 def load_run(workdir: str | Path) -> RunArtifacts:
@@ -306,7 +321,8 @@ def load_run(workdir: str | Path) -> RunArtifacts:
       filter_rows=read_jsonl(wd.filter_report) if wd.filter_report.is_file() else None,
       filter_summary=_json_or_none(wd.filter_summary),
       refusal_base=_feature_or_none(wd.refusal_base), refusal_teacher=_feature_or_none(wd.refusal),
-      refusal_updates=_json_or_none(wd.refusal_updates))
+      refusal_updates=_json_or_none(wd.refusal_updates),
+      generalisation=_json_or_none(wd.generalisation))
 
 
 def _json_or_none(path: Path) -> Any:
