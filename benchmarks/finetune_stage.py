@@ -263,7 +263,7 @@ def main() -> None:
   p.add_argument("--n_user", type=int, default=128, help="user examples (one epoch)")
   p.add_argument("--modes", default="lora,full")
   p.add_argument("--batch", type=int, default=8, help="rows per step (user + alignment)")
-  p.add_argument("--align_ratio", type=float, default=0.5)
+  p.add_argument("--align_ratio", type=float, default=0.25, help="as configs/smollm.py")
   p.add_argument("--max_len", type=int, default=256)
   p.add_argument("--kd_topk", type=int, default=32)
   p.add_argument("--lr", type=float, default=1e-4)

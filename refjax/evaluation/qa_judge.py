@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 from refjax.data.judge_pairs import (NON_ANSWER_TYPES, Pair, Truncator, build_training_pairs,
                                      prompt_key, split_groups, stable_hash)
@@ -192,7 +193,8 @@ class QAJudge:
     """[N, F] features of the pairs (before standardising), in input order."""
     n = len(prompts)
     last = mean = None
-    for batch in pair_batches(self.tokenizer, list(zip(prompts, responses)), self.spec):
+    batches = pair_batches(self.tokenizer, list(zip(prompts, responses)), self.spec)
+    for batch in tqdm(batches, desc="judge features", unit="batch", disable=len(batches) < 8):
       lo, mo = jax.device_get(_features(self.graphdef, self.state, batch["tokens"],
                                         batch["mask"], batch["span"], layers=self.spec.layers))
       lo, mo = lo.transpose(1, 0, 2), mo.transpose(1, 0, 2)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from refjax.data.prompts import Encoded, bucket_length, pad_batch
 from refjax.files import read_npz, write_json, write_npz
@@ -59,7 +60,7 @@ def run(r: Run) -> dict:
   offsets, covered = [0], []
   order = np.argsort([len(e.ids) for e in enc], kind="stable")
   out: dict[int, tuple] = {}
-  for start in range(0, len(order), BATCH):
+  for start in tqdm(range(0, len(order), BATCH), desc="teacher targets", unit="batch"):
     idx = order[start:start + BATCH]
     chunk = [enc[i] for i in idx]
     batch = pad_batch(chunk, bucket_length(max(len(e.ids) for e in chunk)), fmt.pad_id,
