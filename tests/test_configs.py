@@ -25,7 +25,7 @@ CONFIG_DIR = REPO / "configs"
 NOT_CONFIGS = ("__init__",)  # configs/ modules without get_config
 # The variants each config file documents; a file not listed here is checked with "" only.
 VARIANTS = {
-    "smollm": ["", "quick", "paper"],
+    "smollm": ["", "quick", "all", "levers", "levers,quick"],
     "tiny": [""],
     "llama": ["", "task=gsm8k", "task=ag_news", "size=13b", "pod=v5e-16", "pod=gpu-2x8",
               "size=13b,pod=gpu-2x8", "size=13b,pod=v5e-16,lora=16", "lora=8,task=gsm8k"],
