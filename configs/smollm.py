@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.data.n_alignment_harmless = 400
   c.refusal.n_probe = 64
   c.refusal.n_val = 64
-  if a["levers"]:  # issue 15's filter levers (research-filter configs/smollm.py:levers)
+  if a["levers"]:  # issue 15's filter levers: the best measured on unseen harmful sources
     c.data.alignment_mix = "beavertails,stl_alignment,advbench,malicious_instruct,tdc2023"
     c.data.harmless_mix = "sst2_train,ag_news_train,gsm8k_train,edgy_benign"
     c.data.n_harmless_mix = 50
