@@ -42,7 +42,7 @@ def main():
   ap.add_argument("--threads", type=int, default=2)
   args = ap.parse_args()
   from refjax.runtime import reexec_with_malloc_tuning
-  reexec_with_malloc_tuning()  # as `python -m refjax.main` does, for both sides
+  reexec_with_malloc_tuning()  # both sides under the same malloc settings
   torch.set_num_threads(args.threads)
 
   path = resolve_model(args.model)

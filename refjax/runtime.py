@@ -4,7 +4,8 @@ XLA:CPU allocates each step's temporaries (3.2 GB for a SmolLM2-135M train step 
 one block, which glibc serves with a fresh `mmap` and returns with `munmap`: every step then
 page-faults all of it again (about 2.5 s of a 9 s step on 2 cores). Keeping large blocks in
 the one main heap, never trimmed, lets the next step reuse the same pages. glibc reads these
-tunables only at process start, so the entry points re-exec themselves once with them set.
+tunables only at process start, so the benchmarks (and the main job, with REFJAX_MALLOC_TUNING=1)
+re-exec themselves once with them set.
 """
 
 from __future__ import annotations
@@ -46,4 +47,5 @@ def reexec_with_malloc_tuning() -> None:
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "OPT_IN_MAIN", "malloc_tuning_applies", "reexec_with_malloc_tuning"]
+__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "OPT_IN_MAIN", "malloc_tuning_applies",
+           "reexec_with_malloc_tuning"]
