@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refjax.data.packing import pack
+from refjax.data.packing import pack, prefix_filling
 from refjax.data.prompts import Encoded
 from refjax.models.tiny import tiny_model
 
@@ -40,6 +40,25 @@ def test_packed_examples_see_what_they_see_alone():
                                  rtol=2e-4)
       seen += 1
   assert seen == 5
+
+
+def test_prefix_filling_is_the_smallest_seeded_prefix_that_fills_the_rows():
+  rng = np.random.default_rng(3)
+  examples = [_example(rng, int(n), 2) for n in rng.integers(4, 30, size=60)]
+  ones = np.ones(60)
+  total = pack(examples, ones, 32, 0, seed=0).rows
+  for rows in (1, 5, total // 2, total - 1):
+    index = prefix_filling(examples, rows, 32, 0, seed=0)
+    assert index == sorted(set(index))
+    got = pack([examples[i] for i in index], ones[:len(index)], 32, 0, seed=0).rows
+    assert got >= rows  # enough rows for `rows` draws without a repeat
+    order = np.random.default_rng([0, 1]).permutation(60)
+    assert set(index) == set(order[:len(index)].tolist())  # a prefix of the seeded order
+    shorter = sorted(order[:len(index) - 1].tolist())
+    assert pack([examples[i] for i in shorter], ones[:len(shorter)], 32, 0, seed=0).rows < rows  # and the shortest
+  assert prefix_filling(examples, total, 32, 0) == list(range(60))  # all of them are needed
+  assert prefix_filling(examples, total + 10, 32, 0) == list(range(60))  # fewer rows than asked
+  assert len(prefix_filling(examples, 3, 32, 0, seed=1)) < 60
 
 
 def test_packing_without_segments_would_leak():

@@ -70,6 +70,13 @@ def test_distillation_and_reports(tiny_workdir):
   assert all("kd" in m and np.isfinite(m["kd"]) for m in metrics if "loss" in m)
   sft = [json.loads(l) for l in (wd / "methods/sft/metrics.jsonl").read_text().splitlines()]
   assert all("kd" not in m for m in sft)
+  # distill made targets for exactly the alignment examples reft packs, and they fill every
+  # alignment row reft's steps read without reading one twice
+  dist = json.loads((wd / "distill/summary.json").read_text())
+  reft = json.loads((wd / "methods/reft/finetune.json").read_text())
+  drawn = reft["steps"] * reft["rows_per_step"]["align_"]
+  assert reft["packing"]["align"]["examples"] == dist["examples"] <= dist["examples_of"]
+  assert reft["packing"]["align"]["rows"] >= drawn and dist["align_rows_drawn"] >= drawn
   ev = json.loads((wd / "eval.json").read_text())
   assert set(ev["methods"]) == {"base", "reft", "sft", "judge_filter"}
   for entry in ev["methods"].values():

@@ -81,3 +81,27 @@ def pack(encoded: Sequence[Encoded], weights: Sequence[float], length: int, pad_
       at += n
     real += at
   return Packed(out, len(keep), len(rows), real)
+
+
+def prefix_filling(encoded: Sequence[Encoded], rows: int, length: int, pad_id: int, *,
+                   seed: int = 0) -> list[int]:
+  """Indices of the shortest prefix of a seeded permutation of `encoded` whose packing into rows of
+  `length` tokens gives at least `rows` rows (every example when all of them give fewer), in
+  their original order: a subset just large enough for `rows` row draws without repeats."""
+  n = len(encoded)
+  order = np.random.default_rng([seed, 1]).permutation(n)
+  ones = np.ones(n)
+
+  def rows_of(m: int) -> int:  # packed as the caller will pack them: in their original order
+    return pack([encoded[i] for i in sorted(order[:m])], ones[:m], length, pad_id, seed=seed).rows
+
+  if n == 0 or rows_of(n) <= rows:
+    return list(range(n))
+  lo, hi = 1, n
+  while lo < hi:  # the smallest m whose packing reaches `rows` (row counts grow with m)
+    mid = (lo + hi) // 2
+    if rows_of(mid) >= rows:
+      hi = mid
+    else:
+      lo = mid + 1
+  return sorted(int(i) for i in order[:hi])

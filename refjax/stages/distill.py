@@ -1,9 +1,10 @@
-"""Stage `distill`: the teacher's next-token distribution on every alignment response token,
-computed once per run and kept as its top k (+ the mass of the rest) for every distilling method;
-the student's step then reads targets instead of running the teacher, and the teacher is not in
-memory while students train.
+"""Stage `distill`: the teacher's next-token distribution on the response tokens of the alignment
+examples the finetune draws (`refjax.stages.alignment_rows`), computed once per run and kept as its
+top k (+ the mass of the rest) for every distilling method; the student's step then reads targets
+instead of running the teacher, and the teacher is not in memory while students train.
 
-Reads teacher/model and the alignment set; writes distill/targets.npz and distill/summary.json.
+Reads teacher/model, the alignment set and the user data (how many rows the finetune draws);
+writes distill/targets.npz and distill/summary.json.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from refjax.data.prompts import Encoded, bucket_length, pad_batch
 from refjax.files import read_npz, write_json, write_npz
 from refjax.method.losses import topk_targets
 from refjax.method.student import METHODS, parse_methods
+from refjax.stages.alignment_rows import drawn_alignment
 from refjax.stages.context import Run
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,6 @@ def _targets(graphdef, state, tokens, mask, *, k: int, temperature: float):
   return topk_targets(logits, k, temperature)
 
 
-def encode_alignment(r: Run, fmt) -> list[Encoded]:
-  """The alignment examples as the finetune stage packs them (capped at finetune.max_len)."""
-  return [fmt.encode(e.instruction, e.input, e.response, max_len=int(r.cfg.finetune.max_len))
-          for e in r.sets.alignment()]
-
-
 def run(r: Run) -> dict:
   if not needed(r.cfg):
     write_npz(r.wd.distill_targets, example_ids=np.array([], str))
@@ -54,7 +50,8 @@ def run(r: Run) -> dict:
   fc = r.cfg.finetune
   teacher, _, fmt = r.load(r.require(r.wd.teacher_model, "teacher"))
   graphdef, state = nnx.split(teacher)
-  examples, enc = r.sets.alignment(), encode_alignment(r, fmt)
+  index, enc, drawn = drawn_alignment(r, fmt)
+  examples = [r.sets.alignment()[i] for i in index]
   k, temperature = int(fc.kd_topk), float(fc.kd_temperature)
   rows: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "tail": [], "positions": []}
   offsets, covered = [0], []
@@ -82,13 +79,15 @@ def run(r: Run) -> dict:
             offsets=np.asarray(offsets, np.int64),
             **{k_: np.concatenate(v) for k_, v in rows.items()})
   mass = np.concatenate(covered) if covered else np.zeros(0)
-  summary = {"examples": len(enc), "target_tokens": int(offsets[-1]), "k": k,
+  summary = {"examples": len(enc), "examples_of": drawn["of"],
+             "align_rows_drawn": drawn["rows_needed"], "target_tokens": int(offsets[-1]), "k": k,
              "temperature": temperature, "top_k_mass_mean": float(mass.mean()),
              "top_k_mass_p05": float(np.percentile(mass, 5)),
              "truncated": int(sum(e.truncated for e in enc)), "max_len": int(fc.max_len)}
   write_json(r.wd.distill_summary, summary)
-  log.info("teacher targets: %d alignment examples, %d target tokens, top-%d keeps %.1f%% of the "
-           "teacher's mass on average", len(enc), offsets[-1], k, 100 * summary["top_k_mass_mean"])
+  log.info("teacher targets: %d of %d alignment examples (the finetune draws %d rows), %d target "
+           "tokens, top-%d keeps %.1f%% of the teacher's mass on average", len(enc), drawn["of"],
+           drawn["rows_needed"], offsets[-1], k, 100 * summary["top_k_mass_mean"])
   return summary
 
 

@@ -9,7 +9,6 @@ methods/<method>/model/ and finetune.json.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,10 @@ from refjax.files import read_jsonl, write_json
 from refjax.method.losses import causal_lm_loss
 from refjax.method.student import ALIGN, METHODS, TEACHER, student_loss_fn
 from refjax.models.loading import param_shardings
+from refjax.stages.alignment_rows import (align_rows_per_step, drawn_alignment, encode_alignment,
+                                          epoch_steps)
 from refjax.stages.context import Run
-from refjax.stages.distill import dense_targets, encode_alignment
+from refjax.stages.distill import dense_targets
 from refjax.training.data import make_grouped_iterator, make_iterator
 from refjax.training.fit import fit
 
@@ -66,7 +67,7 @@ def finetune(r: Run, name: str) -> dict:
     enc_a = encode_alignment(r, fmt)
     packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed)
     stats["align"] = _stats(packed_a, enc_a, max_len)
-    phase = _with_steps(fc, _steps(fc, packed_a.rows, batch))
+    phase = _with_steps(fc, epoch_steps(fc, packed_a.rows, batch))
     data, sh = make_iterator(_rows(packed_a), r.plan, batch, seed)
     model, _ = fit(phase, out / "align", model, causal_lm_loss, data, sh, r.plan)
     r.drop_checkpoints(out / "align", fc.train.keep_checkpoints)
@@ -74,21 +75,21 @@ def finetune(r: Run, name: str) -> dict:
   terms = method.weights(fc)
   groups = {"": (_rows(packed_user), batch)}
   if method.uses_alignment_rows:
-    align_rows = max(1, int(round(float(fc.align_ratio) * batch)))
+    align_rows = align_rows_per_step(fc)
     groups[""] = (_rows(packed_user), batch - align_rows)
-    enc_a = encode_alignment(r, fmt)
+    index, enc_a, drawn = drawn_alignment(r, fmt)  # the examples `distill` made targets for
     extra = None
     if terms["kd"] and int(fc.kd_topk) > 0:  # the teacher's cached targets ride on the tokens
-      extra = dense_targets(r, enc_a, [e.id for e in r.sets.alignment()])
+      extra = dense_targets(r, enc_a, [r.sets.alignment()[i].id for i in index])
     packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed, extra=extra)
-    stats["align"] = _stats(packed_a, enc_a, max_len)
+    stats["align"] = {**_stats(packed_a, enc_a, max_len), "examples_of": drawn["of"]}
     groups[ALIGN] = (_rows(packed_a), align_rows)
   extras, extra_sh, teacher_graphdef = {}, {}, None
   if terms["kd"] and int(fc.kd_topk) == 0:  # exact KD: the frozen teacher runs in the step
     teacher, _, _ = r.load(r.require(wd.teacher_model, "teacher"))
     teacher_graphdef, t_state = nnx.split(teacher)
     extras[TEACHER], extra_sh[TEACHER] = t_state, param_shardings(r.plan, teacher.cfg)
-  steps = _steps(fc, packed_user.rows, groups[""][1])
+  steps = epoch_steps(fc, packed_user.rows, groups[""][1])
   data, sh = make_grouped_iterator(groups, r.plan, seed)
   loss_fn = student_loss_fn(kd=terms["kd"], align_ce=terms["align_ce"],
                             kd_temperature=float(fc.kd_temperature),
@@ -111,13 +112,6 @@ def finetune(r: Run, name: str) -> dict:
 def _rows(packed: Packed) -> dict[str, np.ndarray]:
   """Packed rows as training arrays (each row weight 1: example weights ride on loss_mask)."""
   return {**packed.arrays, "weights": np.ones(packed.rows, np.float32)}
-
-
-def _steps(fc, rows: int, rows_per_step: int) -> int:
-  """finetune.epochs passes over the rows when set (> 0), else finetune.train.steps."""
-  if float(fc.epochs) > 0:
-    return max(1, math.ceil(float(fc.epochs) * rows / rows_per_step))
-  return int(fc.train.steps)
 
 
 def _with_steps(fc, steps: int):

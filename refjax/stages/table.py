@@ -120,6 +120,11 @@ MIX_KEYS = tuple(f"data.{k}" for k in ("alignment_mix", "harmless_mix", "n_harml
                                        "holdout_source", "wrap_per_family", "refusal_targets"))
 
 
+# The config keys that decide which alignment examples the finetune draws (alignment_rows).
+DRAW_KEYS = tuple(f"finetune.{k}" for k in ("epochs", "align_ratio", "pack_len", "train.steps",
+                                            "train.batch_size", "train.seed"))
+
+
 def _finetune_data(r: Run, method) -> dict[str, str]:
   out = {"base_model": r.digests.model(r.cfg.model.name), "user": r.digests.examples("user"),
          "method": digest(dataclasses.asdict(METHODS[method]))}
@@ -204,8 +209,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           wanted=lambda cfg: "judge" in _filters(cfg)),
     Stage("distill", distill.run,
           config=("seed", "model", "prompt", "finetune.kd_topk", "finetune.kd_temperature",
-                  "finetune.max_len", "finetune.kd_weight", "method"),
-          data=lambda r, m: {"alignment": r.digests.examples("alignment")},
+                  "finetune.max_len", "finetune.kd_weight", "method", *DRAW_KEYS),
+          data=lambda r, m: {"alignment": r.digests.examples("alignment"),
+                             "user": r.digests.examples("user")},  # how many rows are drawn
           upstream=lambda cfg, m: [("teacher", None)],
           needs=lambda cfg, wd, m: [(wd.teacher_model / "config.json", "teacher")],
           outputs=lambda wd, m: [wd.distill], artifacts=lambda wd, m: [wd.distill_targets]),
