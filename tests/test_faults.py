@@ -147,9 +147,11 @@ def test_swapped_user_example_is_refiltered_never_trained_under_an_old_decision(
     paths.set_data_root(None)
 
   with caplog.at_level("INFO"):
-    run_pipeline(cfg, wd, stages=["judge", "filter", "screen", "finetune"])
+    run_pipeline(cfg, wd, stages=["judge", "filter", "screen", "distill", "finetune"])
   assert "filter: inputs changed: data.user" in caplog.text
   assert "screen: inputs changed: data.user" in caplog.text
+  # the user rows decide how many alignment examples the finetune draws, so the targets follow
+  assert "distill: inputs changed: data.user" in caplog.text
   new = {r["id"]: r for r in read_jsonl(Workdir(wd).filter_report)}[kept["id"]]
   assert new["text_sha256"] != kept["text_sha256"] and new["score"] != kept["score"]
   assert read_json(Workdir(wd).marker("teacher"))["fingerprint"]  # the teacher was kept
