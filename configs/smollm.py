@@ -88,6 +88,6 @@ def get_config(arg=None):
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
     # a smaller judge (its own cache entry): the same recipe on a quarter of the pairs
     c.judge.update(n_harmful=200, n_safe_beavertails=100, n_safe_stl=50, n_helpful=25,
-                   n_non_answer=200, n_validation=16)
+                   n_non_answer=525, n_validation=16)
     c.judge.train.update(steps=200)
   return c

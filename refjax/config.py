@@ -27,8 +27,10 @@ from refjax.method.student import parse_methods
 from refjax.models import hub
 from refjax.models.config import DTYPES
 from refjax.stages.table import STAGES
-from refjax.config_sections import distributed_config, mesh_config, optim_config, train_config
+from refjax.config_sections import (distributed_config, judge_config, mesh_config, optim_config,
+                                    train_config)
 from refjax.data.filter_sources import EDGY, HARMFUL_TRAINABLE, names
+from refjax.data.judge_pairs import NON_ANSWER_TYPES
 from refjax.data.sets import LABELLED_SETS, MIX_CALIB
 from refjax.data.teacher_mix import REFUSAL_TARGETS, mix_names
 from refjax.training.optim import SCHEDULES
@@ -204,23 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
       include_base=True,  # also evaluate the untouched base model (row "base")
   ))
 
-  # The QA-moderation judge (refjax.evaluation.qa_judge): the HS judge `qa_probe` and the
-  # `judge_filter` baseline's screen. Defaults: the best recipe of the sweep behind issue 14.
-  c.judge = ml_collections.ConfigDict(dict(
-      backbone="smollm2-135m-instruct",  # frozen, cut after its highest read block
-      layers=(18, 22),  # hidden states read (after block i)
-      pooling="both",  # last token, mean over the answer, or both (qa_judge.POOLINGS)
-      hidden=64, l2=1e-3,  # MLP head width (0 = logistic) and its weight penalty
-      prompt_tokens=64, response_tokens=96,  # what of a pair the judge reads
-      n_harmful=900, n_safe_beavertails=500, n_safe_stl=200, n_helpful=100, n_non_answer=900,
-      calib_percent=15, threshold_rule="youden",  # threshold on held-out training prompts
-      batch_size=8, seed=0,
-      n_validation=128,  # development prompts validated on when built (0 = all 513)
-      cache="",  # where built judges are kept; "" = ${REFJAX_CACHE:-~/.cache/refjax}/judges
-  ))
-  c.judge.train = train_config(steps=400, batch_size=1, log_every=100, checkpoint_every=0,
-                               progress_bar=False)  # batch: the whole fit set
-  c.judge.optim = optim_config(lr=3e-3, schedule="constant", clip_norm=0.0)
+  c.judge = judge_config()
   c.mesh = mesh_config()
   c.distributed = distributed_config()
   return c
@@ -287,6 +273,8 @@ _RULES = {
     "judge.layers": (lambda v: len(v) >= 1 and all(int(x) >= 1 for x in v),
                      "one or more hidden-state indices >= 1"),
     "judge.pooling": _choice(POOLINGS), "judge.threshold_rule": _choice(THRESHOLD_RULES),
+    "judge.non_answer_kinds": (lambda v: len(v) >= 1 and set(v) <= set(NON_ANSWER_TYPES),
+                               f"a non-empty tuple of {NON_ANSWER_TYPES}"),
     "judge.hidden": _at_least(0), "judge.l2": _at_least(0), "judge.prompt_tokens": _at_least(1),
     "judge.response_tokens": _at_least(1), "judge.n_harmful": _at_least(1),
     **{f"judge.n_{k}": _at_least(0) for k in ("safe_beavertails", "safe_stl", "helpful",

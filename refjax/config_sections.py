@@ -1,10 +1,12 @@
 """The config sections every training stage and every run repeats: a stage's training loop and
-optimizer, the device mesh and jax.distributed (`refjax.config.base_config` uses them; the
-schema's one home stays `refjax.config`, which re-exports them)."""
+optimizer, the device mesh and jax.distributed; and the judge's section (`refjax.config.base_config`
+uses them; the schema's one home stays `refjax.config`, which re-exports them)."""
 
 from __future__ import annotations
 
 import ml_collections
+
+from refjax.data.judge_pairs import NON_ANSWER_TYPES
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -69,4 +71,31 @@ def distributed_config() -> ml_collections.ConfigDict:
   return c
 
 
-__all__ = ["train_config", "optim_config", "mesh_config", "distributed_config"]
+def judge_config() -> ml_collections.ConfigDict:
+  """The QA-moderation judge (refjax.evaluation.qa_judge): the HS judge `qa_probe` and the
+  `judge_filter` baseline's screen. Defaults: the best recipe of the sweeps behind issue 14."""
+  c = ml_collections.ConfigDict(dict(
+      backbone="smollm2-135m-instruct",  # frozen, cut after its highest read block
+      layers=(18, 22),  # hidden states read (after block i)
+      pooling="both",  # last token, mean over the answer, or both (qa_judge.POOLINGS)
+      hidden=64, l2=1e-3,  # MLP head width (0 = logistic) and its weight penalty
+      prompt_tokens=64, response_tokens=96,  # what of a pair the judge reads
+      n_harmful=900, n_safe_beavertails=500, n_safe_stl=200, n_helpful=100, n_non_answer=2100,
+      # the kinds cycled over the non-answer pairs (a kind listed n times gets n shares): the
+      # ones the judge mistook most (unrelated answers, cut-off replies) at five shares
+      non_answer_kinds=NON_ANSWER_TYPES + ("alpaca", "cutoff", "garbled", "token_rep")
+      + ("alpaca", "cutoff") * 3,
+      # "half": 0.5 on the class-balanced head; "youden": max TPR - FPR on held-out training
+      # prompts (calib_percent of them), which sat above the validated range (issue 14 sweep)
+      calib_percent=15, threshold_rule="half",
+      batch_size=8, seed=0,
+      n_validation=128,  # development prompts validated on when built (0 = all 513)
+      cache="",  # where built judges are kept; "" = ${REFJAX_CACHE:-~/.cache/refjax}/judges
+  ))
+  c.train = train_config(steps=400, batch_size=1, log_every=100, checkpoint_every=0,
+                         progress_bar=False)  # batch: the whole fit set
+  c.optim = optim_config(lr=3e-3, schedule="constant", clip_norm=0.0)
+  return c
+
+
+__all__ = ["train_config", "optim_config", "mesh_config", "distributed_config", "judge_config"]

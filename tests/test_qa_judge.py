@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 def spec(**kw) -> JudgeSpec:
   base = dict(backbone="tiny", layers=(1, 2), pooling="both", hidden=8, l2=1e-3, steps=150,
               lr=1e-2, prompt_tokens=24, response_tokens=24, sizes=(("harmful", 4),),
-              calib_percent=20, threshold_rule="youden", batch_size=4, seed=0)
+              calib_percent=20, threshold_rule="youden", batch_size=4, seed=0,
+              non_kinds=jp.NON_ANSWER_TYPES)
   return JudgeSpec(**{**base, **kw})
 
 
@@ -164,6 +165,17 @@ def test_training_pairs_never_touch_validation_poison_or_hs_material(shared_data
   with pytest.raises(DataError, match="'u7'.*trained on this prompt"):
     jp.assert_unseen({jp.prompt_key(pairs[0].prompt)}, ["new", pairs[0].prompt.upper() + " "],
                      ["u6", "u7"], "user")
+
+
+def test_non_answer_kinds_get_their_listed_shares(shared_data_dir):
+  from collections import Counter
+  trunc = jp.Truncator(byte_tokenizer())
+  kinds = ("label", "alpaca", "cutoff", "alpaca", "cutoff", "alpaca")
+  pairs = jp.build_training_pairs(trunc, sizes={"harmful": 4, "safe_bt": 2, "safe_stl": 2,
+                                                "helpful": 2, "non": 60}, non_types=kinds)
+  got = Counter(p.kind for p in pairs if p.kind.startswith("non:"))
+  assert got == {"non:alpaca": 30, "non:cutoff": 20, "non:label": 10}
+  assert all(p.label == jp.SAFE for p in pairs if p.kind.startswith("non:"))
 
 
 def test_validation_pairs_cover_every_kind_and_length(shared_data_dir):

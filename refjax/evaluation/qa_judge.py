@@ -21,8 +21,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from refjax.data.judge_pairs import (NON_ANSWER_TYPES, Pair, Truncator, build_training_pairs,
-                                     prompt_key, split_groups, stable_hash)
+from refjax.data.judge_pairs import (Pair, Truncator, build_training_pairs, prompt_key,
+                                     split_groups, stable_hash)
 from refjax.evaluation.harmful_score import wilson
 from refjax.evaluation.judges import check_pairs
 from refjax.files import read_json, read_npz, write_json, write_npz
@@ -165,6 +165,7 @@ class JudgeSpec:
   threshold_rule: str
   batch_size: int
   seed: int
+  non_kinds: tuple[str, ...] = ()  # cycled over the non-answer pairs (empty: judges built before)
 
   @classmethod
   def from_config(cls, c: Any) -> "JudgeSpec":
@@ -174,7 +175,8 @@ class JudgeSpec:
     return cls(str(c.backbone), tuple(int(x) for x in c.layers), str(c.pooling), int(c.hidden),
                float(c.l2), int(c.train.steps), float(c.optim.lr), int(c.prompt_tokens),
                int(c.response_tokens), tuple(sorted((k, int(v)) for k, v in sizes.items())),
-               int(c.calib_percent), str(c.threshold_rule), int(c.batch_size), int(c.seed))
+               int(c.calib_percent), str(c.threshold_rule), int(c.batch_size), int(c.seed),
+               tuple(str(k) for k in c.non_answer_kinds))
 
 
 class QAJudge:
@@ -236,7 +238,8 @@ class QAJudge:
     meta, z = read_json(directory / "judge.json"), read_npz(directory / "head.npz")
     s = meta["spec"]
     spec = JudgeSpec(**{**s, "layers": tuple(s["layers"]),
-                        "sizes": tuple(tuple(x) for x in s["sizes"])})
+                        "sizes": tuple(tuple(x) for x in s["sizes"]),
+                        "non_kinds": tuple(s.get("non_kinds", ()))})
     head = Head(z["mu"].shape[0], spec.hidden, nnx.Rngs(0))
     state = nnx.state(head)
     leaves = [(k, v.replace(jnp.asarray(z["head/" + "/".join(map(str, k))])))
@@ -251,9 +254,10 @@ def build(spec: JudgeSpec, backbone: Any, tokenizer: Any, truncate: Truncator, f
           log=print) -> tuple[QAJudge, dict[str, Any]]:
   """Trains the judge on the allowed training pairs. `fit_fn(head, arrays, steps, lr)` trains the
   head on {"x", "y", "w"} arrays with the project's trainer and returns it."""
-  non_types = NON_ANSWER_TYPES + ("alpaca", "cutoff", "garbled", "token_rep")  # harder kinds x2
+  if not spec.non_kinds:
+    raise ValueError("the judge spec names no non-answer kinds (config.judge.non_answer_kinds)")
   pairs = build_training_pairs(truncate, sizes=dict(spec.sizes), seed=spec.seed,
-                               non_types=non_types)
+                               non_types=spec.non_kinds)
   fit_pairs, calib = split_groups(pairs, spec.calib_percent)
   log(f"judge: {len(pairs)} training pairs ({len(fit_pairs)} fit, {len(calib)} threshold, split "
       "by prompt)")
