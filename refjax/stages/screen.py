@@ -12,6 +12,7 @@ import logging
 
 from refjax.data.judge_pairs import assert_unseen
 from refjax.data.prompts import PromptFormat, template_markers
+from refjax.evaluation.qa_judge import RULE_TEXT
 from refjax.models import hub
 from refjax.models.loading import load_tokenizer
 from refjax.models.tiny import byte_tokenizer
@@ -38,7 +39,7 @@ def run(r: Run) -> dict:
       text_sha256=[fmt.scored_digest(e.instruction, e.input, e.response) for e in user],
       markers=[template_markers(e.instruction, e.input) for e in user],
       scorer="QA judge: P(harmful) of the (prompt, response) pair",
-      threshold_rule=f"the judge's own ({judge.spec.threshold_rule} on held-out training pairs)")
+      threshold_rule=f"the judge's own: {RULE_TEXT[judge.spec.threshold_rule]}")
   log.info("screen: the judge drops %d of %d user examples", summary["n_dropped"], len(user))
   return {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
 
