@@ -187,6 +187,10 @@ def base_config() -> ml_collections.ConfigDict:
       epochs=0.0,  # passes over the (packed) user rows; 0 = train.steps steps instead
       max_len=256,  # tokens per training example (user and alignment); longer ones are cut, counted
       pack_len=256,  # tokens per packed row (several examples, attention kept per example)
+      # The LM head only where a loss reads (most user positions are prompt): slots per step as a
+      # share of its positions, 0 = enough for a step drawn from these rows (mean + 3 sd), 1 =
+      # logits at every position. A step with more targets takes every position (same loss).
+      target_logits=0.0,
   ))
   c.finetune.train = train_config(steps=200, batch_size=8)
   c.finetune.optim = optim_config(lr=2e-5)
@@ -269,6 +273,7 @@ _RULES = {
     "finetune.align_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "eval.judge": _choice(JUDGES),
     "finetune.kd_topk": _at_least(0), "finetune.epochs": _at_least(0),
     "finetune.max_len": _at_least(8), "finetune.pack_len": _at_least(8),
+    "finetune.target_logits": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "generate.max_new_tokens": _at_least(1), "generate.temperature": _at_least(0),
     "judge.layers": (lambda v: len(v) >= 1 and all(int(x) >= 1 for x in v),
                      "one or more hidden-state indices >= 1"),

@@ -249,6 +249,7 @@ def test_run_pipeline_rejects_unknown_stage_and_method(tmp_path):
     ("filter.target_recall", 0.0, "filter.target_recall"),
     ("finetune.kd_direction", "sideways", "finetune.kd_direction"),
     ("finetune.align_ratio", 1.0, "finetune.align_ratio"),
+    ("finetune.target_logits", 1.5, "finetune.target_logits"),
     ("judge.non_answer_kinds", ("label", "sarcasm"), "judge.non_answer_kinds"),
     ("eval.judge", "vibes", "eval.judge"),
     ("teacher.optim.lr", -1.0, "teacher.optim.lr"),

@@ -7,7 +7,7 @@ Every loss returns a scalar; a "safe" mean divides by max(sum of weights, TINY),
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +35,9 @@ def token_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Arr
   logits [B,T,V] at t predict tokens[:, t+1]; a target counts with weight
   loss_mask[:, t+1] * weights[b]. The last position predicts nothing.
   """
-  logits = logits.astype(jnp.float32)
-  b, _ = tokens.shape
   # Shift targets and mask instead of slicing logits: no copy of the [B,T,V] array.
-  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
   w = target_weights(loss_mask, weights)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.sum((lse - target_logit) * w), jnp.sum(w)
+  return jnp.sum(nll_from_logits(logits, shifted_targets(tokens)) * w), jnp.sum(w)
 
 
 def target_weights(loss_mask: jax.Array, weights: jax.Array) -> jax.Array:
@@ -51,6 +46,51 @@ def target_weights(loss_mask: jax.Array, weights: jax.Array) -> jax.Array:
   b = loss_mask.shape[0]
   mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
   return mask.astype(jnp.float32) * weights.astype(jnp.float32)[:, None]
+
+
+def shifted_targets(tokens: jax.Array) -> jax.Array:
+  """[B,T] the token each position predicts (tokens shifted left; the last position gets 0)."""
+  return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+
+
+def nll_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """[...] negative log-likelihood of `targets` [...] under `logits` [...,V], fp32."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def sum_at_targets(hidden: jax.Array, weights: jax.Array, per_position: Callable[
+    [jax.Array, jax.Array], jax.Array], capacity: int) -> tuple[jax.Array, jax.Array]:
+  """(sum_i weights_i · per_position(hidden_i, i) over the positions i with a nonzero weight,
+  1.0 if the batch took every position else 0.0).
+
+  hidden [B,T,D] (final-normed), weights [B,T]; `per_position(h [N,D], flat index [N]) -> [N]` or
+  [N,M] (M losses at once) maps hidden states to losses; it applies the LM head, so logits exist
+  only where it is called. With capacity < B·T the target positions are gathered into `capacity`
+  slots (a static shape; empty slots weigh 0); a batch with more targets takes every position
+  instead (`lax.cond`), so no target is ever dropped.
+  """
+  b, t, d = hidden.shape
+  flat_h, flat_w = hidden.reshape(b * t, d), weights.reshape(b * t).astype(jnp.float32)
+
+  def weighted(values: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.sum(values * w.reshape(w.shape + (1,) * (values.ndim - 1)), axis=0)
+
+  def every() -> jax.Array:
+    return weighted(per_position(flat_h, jnp.arange(b * t)), flat_w)
+
+  if capacity >= b * t:
+    return every(), jnp.float32(1.0)
+  count = jnp.sum(flat_w != 0)
+
+  def gathered() -> jax.Array:
+    idx = jnp.nonzero(flat_w != 0, size=capacity, fill_value=0)[0]
+    w = jnp.where(jnp.arange(capacity) < count, flat_w[idx], 0.0)
+    return weighted(per_position(flat_h[idx], idx), w)
+
+  fits = count <= capacity
+  return jax.lax.cond(fits, gathered, every), 1.0 - fits.astype(jnp.float32)
 
 
 def mean_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
@@ -115,13 +155,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Arra
                      f"{teacher_logits.shape}")
   if mask.shape != student_logits.shape[:-1]:
     raise ValueError(f"mask {mask.shape}; expected {student_logits.shape[:-1]}")
-  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-  log_t = jax.nn.log_softmax(
-      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
-  if direction == "forward":  # sum_v p_t (log p_t - log p_s)
-    kl = optax.losses.kl_divergence_with_log_targets(log_s, log_t, axis=-1)
-  else:  # sum_v p_s (log p_s - log p_t)
-    kl = optax.losses.kl_divergence_with_log_targets(log_t, log_s, axis=-1)
+  kl = kd_exact_kl(student_logits, teacher_logits, temperature=temperature, direction=direction)
   return temperature ** 2 * safe_mean(kl, mask)
 
 
@@ -140,12 +174,11 @@ def _rest(top_logp: jax.Array) -> jax.Array:
   return jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(top_logp), axis=-1), TAIL_FLOOR))
 
 
-def kd_topk_loss(student_logits: jax.Array, topk_ids: jax.Array, topk_logp: jax.Array,
-                 tail_logp: jax.Array, mask: jax.Array, *, temperature: float = 1.0,
-                 direction: str = "forward") -> jax.Array:
-  """`kd_loss` against cached teacher targets (`topk_targets`): both distributions are reduced to
-  the teacher's top k tokens plus one bucket for the rest, and KL is taken over those k + 1
-  outcomes. With k = the vocabulary it equals the exact KL."""
+def kd_topk_kl(student_logits: jax.Array, topk_ids: jax.Array, topk_logp: jax.Array,
+               tail_logp: jax.Array, *, temperature: float = 1.0,
+               direction: str = "forward") -> jax.Array:
+  """[...] KL per position between the teacher's cached top-k targets and the student, both
+  reduced to the teacher's top k tokens plus one bucket for the rest (no T² factor)."""
   if direction not in KD_DIRECTIONS:
     raise ValueError(f"kd_direction={direction!r}; expected one of {KD_DIRECTIONS}")
   log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
@@ -153,12 +186,34 @@ def kd_topk_loss(student_logits: jax.Array, topk_ids: jax.Array, topk_logp: jax.
   s_tail = _rest(s_top)
   t_top, t_tail = topk_logp.astype(jnp.float32), tail_logp.astype(jnp.float32)
   if direction == "forward":  # sum p_t (log p_t - log p_s)
-    kl = (jnp.sum(jnp.exp(t_top) * (t_top - s_top), -1) + jnp.exp(t_tail) * (t_tail - s_tail))
-  else:
-    kl = (jnp.sum(jnp.exp(s_top) * (s_top - t_top), -1) + jnp.exp(s_tail) * (s_tail - t_tail))
+    return jnp.sum(jnp.exp(t_top) * (t_top - s_top), -1) + jnp.exp(t_tail) * (t_tail - s_tail)
+  return jnp.sum(jnp.exp(s_top) * (s_top - t_top), -1) + jnp.exp(s_tail) * (s_tail - t_tail)
+
+
+def kd_topk_loss(student_logits: jax.Array, topk_ids: jax.Array, topk_logp: jax.Array,
+                 tail_logp: jax.Array, mask: jax.Array, *, temperature: float = 1.0,
+                 direction: str = "forward") -> jax.Array:
+  """`kd_loss` against cached teacher targets (`topk_targets`): T² · the masked mean of
+  `kd_topk_kl`. With k = the vocabulary it equals the exact KL."""
+  kl = kd_topk_kl(student_logits, topk_ids, topk_logp, tail_logp, temperature=temperature,
+                  direction=direction)
   return temperature ** 2 * safe_mean(kl, mask)
 
 
-__all__ = ["safe_mean", "token_cross_entropy", "target_weights", "mean_cross_entropy",
+def kd_exact_kl(student_logits: jax.Array, teacher_logits: jax.Array, *,
+                temperature: float = 1.0, direction: str = "forward") -> jax.Array:
+  """[...] KL per position over the vocabulary at temperature T (no T² factor)."""
+  if direction not in KD_DIRECTIONS:
+    raise ValueError(f"kd_direction={direction!r}; expected one of {KD_DIRECTIONS}")
+  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_t = jax.nn.log_softmax(
+      jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
+  if direction == "forward":  # sum_v p_t (log p_t - log p_s)
+    return optax.losses.kl_divergence_with_log_targets(log_s, log_t, axis=-1)
+  return optax.losses.kl_divergence_with_log_targets(log_t, log_s, axis=-1)
+
+
+__all__ = ["safe_mean", "token_cross_entropy", "shifted_targets", "nll_from_logits",
+           "sum_at_targets", "kd_topk_kl", "kd_exact_kl", "target_weights", "mean_cross_entropy",
            "causal_lm_loss", "cosine_regulariser", "kd_loss", "topk_targets", "kd_topk_loss",
            "REG_FORMS", "KD_DIRECTIONS", "DEFAULT_MARGIN", "TINY"]

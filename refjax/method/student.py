@@ -15,9 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from refjax.method.losses import kd_loss, kd_topk_loss, mean_cross_entropy, target_weights
+from refjax.method.losses import (TINY, kd_exact_kl, kd_loss, kd_topk_kl, kd_topk_loss,
+                                   mean_cross_entropy, nll_from_logits, shifted_targets,
+                                   sum_at_targets, target_weights)
 
 TEACHER = "teacher"  # the step input holding the frozen teacher's state
 
@@ -84,13 +88,15 @@ ALIGN = "align_"  # key prefix of the alignment rows in a student batch
 TARGETS = ("topk_ids", "topk_logp", "tail_logp")  # cached teacher targets (`topk_targets`)
 
 
-def _forward(model, batch, prefix: str = ""):
+def _forward(model, batch, prefix: str = "", logits: bool = True):
   packed = {k: batch[prefix + k] for k in ("segment_ids", "positions") if prefix + k in batch}
-  return model(batch[prefix + "tokens"], batch[prefix + "attention_mask"], **packed)
+  return model(batch[prefix + "tokens"], batch[prefix + "attention_mask"], return_logits=logits,
+               **packed)
 
 
 def student_loss_fn(*, kd: float, align_ce: float, kd_temperature: float, kd_direction: str,
-                    teacher_graphdef: nnx.GraphDef | None = None):
+                    teacher_graphdef: nnx.GraphDef | None = None,
+                    logit_slots: Mapping[str, int] | None = None):
   """loss_fn(model, batch, rng, extras) for the shared train step.
 
   batch: the user rows under the plain keys (tokens, attention_mask, loss_mask, weights, and for
@@ -98,9 +104,14 @@ def student_loss_fn(*, kd: float, align_ce: float, kd_temperature: float, kd_dir
   that use them, the alignment rows under `align_*` keys. KD reads the teacher's cached targets
   (`align_topk_ids`, `align_topk_logp`, `align_tail_logp`) when the batch has them, else runs the
   teacher (`extras[TEACHER]`, built from `teacher_graphdef`) on the alignment rows.
+  `logit_slots` ({"": user rows, ALIGN: alignment rows}): the LM head runs only at the positions
+  a loss reads, gathered into that many slots per group (`losses.sum_at_targets`; a batch with more
+  targets takes every position); None = logits everywhere. Both give the same loss.
   """
   def loss_fn(model, batch, rng, extras):
     del rng
+    if logit_slots is not None:
+      return _sparse(model, batch, extras)
     out = _forward(model, batch)
     ce_user, user_targets = mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
                                                batch["weights"])
@@ -108,20 +119,15 @@ def student_loss_fn(*, kd: float, align_ce: float, kd_temperature: float, kd_dir
     loss = ce_user
     if not (kd or align_ce):
       return loss, aux
-    if ALIGN + "tokens" not in batch:
-      raise ValueError(f"kd={kd}, align_ce={align_ce} need alignment rows ({ALIGN}* keys)")
-    a = {k[len(ALIGN):]: v for k, v in batch.items() if k.startswith(ALIGN)}
+    a = _alignment_rows(batch)
     out_a = _forward(model, a)
     w = target_weights(a["loss_mask"], a["weights"])  # the logits at t predict token t+1
     if kd:
-      if all(k in a for k in TARGETS):
+      if _cached(a):
         kd_term = kd_topk_loss(out_a.logits, a["topk_ids"], a["topk_logp"], a["tail_logp"], w,
                                temperature=kd_temperature, direction=kd_direction)
       else:
-        if teacher_graphdef is None:
-          raise ValueError("kd > 0 needs cached teacher targets in the batch or a teacher "
-                           "(teacher_graphdef)")
-        t_logits = _forward(nnx.merge(teacher_graphdef, extras[TEACHER]), a).logits
+        t_logits = _forward(_teacher(extras), a).logits
         kd_term = kd_loss(out_a.logits, t_logits, w, temperature=kd_temperature,
                           direction=kd_direction)
       loss = loss + kd * kd_term
@@ -130,6 +136,71 @@ def student_loss_fn(*, kd: float, align_ce: float, kd_temperature: float, kd_dir
       ce_align, _ = mean_cross_entropy(out_a.logits, a["tokens"], a["loss_mask"], a["weights"])
       loss = loss + align_ce * ce_align
       aux["ce/align"] = ce_align
+    return loss, aux
+
+  def _alignment_rows(batch):
+    if ALIGN + "tokens" not in batch:
+      raise ValueError(f"kd={kd}, align_ce={align_ce} need alignment rows ({ALIGN}* keys)")
+    return {k[len(ALIGN):]: v for k, v in batch.items() if k.startswith(ALIGN)}
+
+  def _cached(a):
+    return all(k in a for k in TARGETS)
+
+  def _teacher(extras):
+    if teacher_graphdef is None:
+      raise ValueError("kd > 0 needs cached teacher targets in the batch or a teacher "
+                       "(teacher_graphdef)")
+    return nnx.merge(teacher_graphdef, extras[TEACHER])
+
+  def _sparse(model, batch, extras):
+    """The same loss with logits only at target positions."""
+    out = _forward(model, batch, logits=False)
+    w = target_weights(batch["loss_mask"], batch["weights"])
+    targets = shifted_targets(batch["tokens"]).reshape(-1)
+    total, every = sum_at_targets(
+        out.final, w, lambda h, i: nll_from_logits(model.logits(h), targets[i]),
+        logit_slots[""])
+    user_targets = jnp.sum(w)
+    ce_user = total / jnp.maximum(user_targets, TINY)
+    aux = {"ce/user": ce_user, "user_targets": user_targets, "logits_everywhere/user": every}
+    loss = ce_user
+    if not (kd or align_ce):
+      return loss, aux
+    a = _alignment_rows(batch)
+    out_a = _forward(model, a, logits=False)
+    w = target_weights(a["loss_mask"], a["weights"])
+    targets = shifted_targets(a["tokens"]).reshape(-1)
+    flat = {k: a[k].reshape(-1, *a[k].shape[2:]) for k in TARGETS if k in a}
+    t_final = None
+    if kd and not _cached(a):
+      teacher = _teacher(extras)
+      t_final = _forward(teacher, a, logits=False).final
+      t_final = jax.lax.stop_gradient(t_final).reshape(-1, t_final.shape[-1])
+
+    def per_position(h, i):
+      logits = model.logits(h)
+      terms = []
+      if kd:
+        if t_final is None:
+          terms.append(kd_topk_kl(logits, flat["topk_ids"][i], flat["topk_logp"][i],
+                                  flat["tail_logp"][i], temperature=kd_temperature,
+                                  direction=kd_direction))
+        else:
+          terms.append(kd_exact_kl(logits, teacher.logits(t_final[i]),
+                                   temperature=kd_temperature, direction=kd_direction))
+      if align_ce:
+        terms.append(nll_from_logits(logits, targets[i]))
+      return jnp.stack(terms, axis=-1)
+
+    sums, every = sum_at_targets(out_a.final, w, per_position, logit_slots[ALIGN])
+    means = sums / jnp.maximum(jnp.sum(w), TINY)
+    aux["logits_everywhere/align"] = every
+    if kd:
+      aux["kd"] = kd_temperature ** 2 * means[0]
+      loss = loss + kd * aux["kd"]
+    if align_ce:
+      aux["ce/align"] = means[-1]
+      loss = loss + align_ce * aux["ce/align"]
     return loss, aux
 
   return loss_fn

@@ -52,6 +52,7 @@ class DecoderOutput:
   hidden: jax.Array | None  # [L+1,B,D] at hidden_positions (index L is after the final norm)
   all_hidden: jax.Array | None  # [L+1,B,T,D] when return_all_hidden
   cache: KVCache | None
+  final: jax.Array | None = None  # [B,T,D] after the final norm (`Decoder.logits` maps it)
 
 
 @struct.dataclass
@@ -199,7 +200,7 @@ class Decoder(nnx.Module):
     new_cache = None
     if cache is not None:
       new_cache = KVCache(ys["k"], ys["v"], key_mask, index + t)
-    return DecoderOutput(logits, hidden, all_hidden, new_cache)
+    return DecoderOutput(logits, hidden, all_hidden, new_cache, x)
 
   def unstack(self) -> Unstacked:
     """The layers as L separate states and the head as [D,V]: copies, made once per `decode`

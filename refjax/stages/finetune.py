@@ -9,6 +9,7 @@ methods/<method>/model/ and finetune.json.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -91,9 +92,18 @@ def finetune(r: Run, name: str) -> dict:
     extras[TEACHER], extra_sh[TEACHER] = t_state, param_shardings(r.plan, teacher.cfg)
   steps = epoch_steps(fc, packed_user.rows, groups[""][1])
   data, sh = make_grouped_iterator(groups, r.plan, seed)
+  slots = None
+  if float(fc.target_logits) < 1:
+    slots = {k: logit_slots(target_counts(rows), n, rows["tokens"].shape[1],
+                            float(fc.target_logits)) for k, (rows, n) in groups.items()}
+    slots.setdefault(ALIGN, 1)
+    log.info("finetune[%s]: logits at target positions only, slots per step %s", name,
+             {k or "user": f"{v} of {groups[k][1] * groups[k][0]['tokens'].shape[1]}"
+              for k, v in slots.items() if k in groups})
   loss_fn = student_loss_fn(kd=terms["kd"], align_ce=terms["align_ce"],
                             kd_temperature=float(fc.kd_temperature),
-                            kd_direction=fc.kd_direction, teacher_graphdef=teacher_graphdef)
+                            kd_direction=fc.kd_direction, teacher_graphdef=teacher_graphdef,
+                            logit_slots=slots)
   trained, result = fit(_with_steps(fc, steps), out, model, loss_fn, data, sh, r.plan,
                         extras=extras, extra_shardings=extra_sh)
   r.export(trained, tok, wd.method_model(name))
@@ -103,10 +113,31 @@ def finetune(r: Run, name: str) -> dict:
              "rows_per_step": {k or "user": v[1] for k, v in groups.items()},
              "kd": ("cached top-%d targets" % int(fc.kd_topk) if int(fc.kd_topk) else
                     "exact (teacher in the step)") if terms["kd"] else None,
-             "weights": terms, "packing": stats}
+             "weights": terms, "packing": stats,
+             "logit_slots": {k or "user": v for k, v in slots.items() if k in groups} if slots
+             else "every position"}
   write_json(wd.method_summary(name), summary)
   r.drop_checkpoints(out, fc.train.keep_checkpoints)  # last: a kill here loses nothing
   return summary
+
+
+def logit_slots(target_counts: np.ndarray, rows: int, length: int, share: float = 0.0) -> int:
+  """Logit slots for a step of `rows` rows of `length` tokens: `share` of its positions, or with
+  share 0 enough for a step of rows drawn at random from rows with `target_counts` targets each
+  (mean + 3 standard deviations of the sum, up to a multiple of 64). At most rows · length."""
+  every = rows * length
+  if share > 0:
+    return max(1, min(every, math.ceil(share * every)))
+  counts = np.asarray(target_counts, np.float64)
+  if counts.size == 0:
+    return every
+  need = rows * counts.mean() + 3.0 * math.sqrt(rows) * counts.std()
+  return int(max(64, min(every, 64 * math.ceil(need / 64))))
+
+
+def target_counts(rows: dict[str, np.ndarray]) -> np.ndarray:
+  """Per row: the positions a loss reads (a nonzero loss_mask on the next token)."""
+  return np.count_nonzero(rows["loss_mask"][:, 1:] * rows["weights"][:, None], axis=1)
 
 
 def _rows(packed: Packed) -> dict[str, np.ndarray]:
