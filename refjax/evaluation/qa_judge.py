@@ -342,5 +342,5 @@ def judge_line(f: dict) -> str:
 
 
 __all__ = ["judge_line", "NAME", "JudgeSpec", "QAJudge", "Head", "head_loss_fn", "build",
-           "render_ids", "pair_batches", "RULE_TEXT", "choose_threshold", "validation_records", "validation_figures",
-           "goals_met", "GOALS", "POOLINGS", "THRESHOLD_RULES"]
+           "render_ids", "pair_batches", "RULE_TEXT", "choose_threshold", "validation_records",
+           "validation_figures", "goals_met", "GOALS", "POOLINGS", "THRESHOLD_RULES"]

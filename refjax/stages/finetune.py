@@ -96,10 +96,9 @@ def finetune(r: Run, name: str) -> dict:
   if float(fc.target_logits) < 1:
     slots = {k: logit_slots(target_counts(rows), n, rows["tokens"].shape[1],
                             float(fc.target_logits)) for k, (rows, n) in groups.items()}
-    slots.setdefault(ALIGN, 1)
     log.info("finetune[%s]: logits at target positions only, slots per step %s", name,
              {k or "user": f"{v} of {groups[k][1] * groups[k][0]['tokens'].shape[1]}"
-              for k, v in slots.items() if k in groups})
+              for k, v in slots.items()})
   loss_fn = student_loss_fn(kd=terms["kd"], align_ce=terms["align_ce"],
                             kd_temperature=float(fc.kd_temperature),
                             kd_direction=fc.kd_direction, teacher_graphdef=teacher_graphdef,
@@ -114,7 +113,7 @@ def finetune(r: Run, name: str) -> dict:
              "kd": ("cached top-%d targets" % int(fc.kd_topk) if int(fc.kd_topk) else
                     "exact (teacher in the step)") if terms["kd"] else None,
              "weights": terms, "packing": stats,
-             "logit_slots": {k or "user": v for k, v in slots.items() if k in groups} if slots
+             "logit_slots": {k or "user": v for k, v in slots.items()} if slots
              else "every position"}
   write_json(wd.method_summary(name), summary)
   r.drop_checkpoints(out, fc.train.keep_checkpoints)  # last: a kill here loses nothing
