@@ -278,7 +278,7 @@ def main() -> None:
                  help="1: also print jax vs torch speed on each matmul shape of the step")
   p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
   args = p.parse_args()
-  # As `python -m refjax.main` does with REFJAX_MALLOC_TUNING=1; both frameworks then run under
+  # As `python -m refjax.main` does; both frameworks then run under
   # the same malloc settings.
   from refjax.runtime import reexec_with_malloc_tuning
   reexec_with_malloc_tuning()

@@ -4,6 +4,7 @@
   python -m refjax.main --config=configs/smollm.py:all      # + sa_ft, filter_only, distill_only
   python -m refjax.main --config=configs/smollm.py:quick    # a smoke run of every stage
   python -m refjax.main --config=configs/smollm.py:levers   # the filter levers (see below)
+  python -m refjax.main --config=configs/smollm.py:full     # full finetuning instead of LoRA
 
 The default filter is the paper's: BeaverTails alone in the teacher's data, one difference-of-
 means direction, cosine. `:levers` is the best setting measured on unseen harmful sources (README,
@@ -14,7 +15,7 @@ It catches far more unseen harmful requests but drops about a quarter of generic
 instructions, and its whole run was not timed; variants combine (`:levers,quick`).
 
 The default trains a real attack: one epoch over 1000 user examples, 10% of them harmful, for
-every method (README, Results, gives the measured time).
+every method, with LoRA adapters on the student (README, Results, gives the measured time).
 
 SmolLM2-135M-Instruct is not safety-aligned (../shared/ENV.md): it is the base model, the
 student's start and the teacher's start, as in the paper's main setting.
@@ -25,7 +26,8 @@ from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"quick": False, "all": False, "levers": False}, where="configs/smollm.py")
+  a = parse_arg(arg, {"quick": False, "all": False, "levers": False, "full": False},
+                where="configs/smollm.py")
   c = base_config()
   c.model.name = "smollm2-135m-instruct"
   c.prompt.template = "chat"
@@ -58,12 +60,18 @@ def get_config(arg=None):
   c.teacher.optim.update(lr=5e-5, warmup_steps=5)
   # One epoch over the user rows, packed (several examples per 256-token row, attention kept per
   # example); a quarter of each batch's rows are alignment rows (KD from the teacher's cached
-  # top-k for reft). The bulk of the run. Full finetuning: LoRA r=8 (--config.model.lora_rank=8)
-  # steps 1.5x faster here but, at lr 3e-4 for this one epoch, `sft` reached SST-2 FA 63 against
-  # 87 for full finetuning at lr 1e-4 (README, Results).
-  c.finetune.update(epochs=1.0, align_ratio=0.25, max_len=256, pack_len=256, kd_topk=32)
+  # top-k for reft). The bulk of the run. The student trains LoRA r=8 adapters on every linear
+  # layer at lr 1e-3 (SST-2 FA 86 for `sft` in this one epoch, 1.3x faster steps than full
+  # finetuning); the teacher stays fully finetuned. `:full` finetunes every weight at lr 1e-4.
+  c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj")
+  c.finetune.update(epochs=1.0, align_ratio=0.25, max_len=256, pack_len=256, kd_topk=32,
+                    lora_rank=8)
   c.finetune.train.update(batch_size=8, log_every=2, checkpoint_every=10, max_to_keep=1)
-  c.finetune.optim.update(lr=1e-4, warmup_steps=3)
+  c.finetune.optim.update(lr=1e-3, warmup_steps=3)
+  if a["full"]:
+    c.finetune.lora_rank = 0
+    c.finetune.optim.lr = 1e-4
   c.eval.update(hs_n=100, fa_n=100, max_new_tokens=32, fa_max_new_tokens=4, batch_size=32)
   # The filter on unseen sources: 50 prompts per harmful source and 100 per benign set (about
   # 2.5 minutes; the figures in the README's issue-15 research used 100 / 200).

@@ -191,6 +191,7 @@ def base_config() -> ml_collections.ConfigDict:
       # share of its positions, 0 = enough for a step drawn from these rows (mean + 3 sd), 1 =
       # logits at every position. A step with more targets takes every position (same loss).
       target_logits=0.0,
+      lora_rank=-1,  # the student's LoRA rank: -1 = model.lora_rank, 0 = full finetuning
   ))
   c.finetune.train = train_config(steps=200, batch_size=8)
   c.finetune.optim = optim_config(lr=2e-5)
@@ -246,7 +247,8 @@ _OPTIM_RULES = {"schedule": _choice(SCHEDULES), "lr": _at_least(0), "warmup_step
                 "clip_norm": _at_least(0), "grad_accum": _at_least(1)}
 _RULES = {
     "model.param_dtype": _choice(DTYPES), "model.dtype": _choice(DTYPES),
-    "model.lora_rank": _at_least(0), "prompt.template": _choice(TEMPLATES),
+    "model.lora_rank": _at_least(0), "finetune.lora_rank": _at_least(-1),
+    "prompt.template": _choice(TEMPLATES),
     "prompt.max_len": _at_least(8), "prompt.max_prompt_len": _at_least(8),
     "data.task": _choice(TASKS), "data.alignment_harmful": _choice(SOURCES),
     "data.alignment_harmless": _choice(SOURCES), "data.harmful_source": _choice(SOURCES),

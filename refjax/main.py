@@ -7,7 +7,6 @@ itself done, so a rerun skips finished stages (unless `--force`) and resumes an 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +16,7 @@ from ml_collections import config_flags
 from refjax import cli
 from refjax import config as config_lib
 from refjax.parallel.distributed import initialize
-from refjax.runtime import OPT_IN_MAIN, reexec_with_malloc_tuning
+from refjax.runtime import reexec_with_malloc_tuning
 from refjax.stages import pipeline
 
 FLAGS = flags.FLAGS
@@ -37,8 +36,9 @@ def run_pipeline(cfg, workdir: str | Path, stages: Sequence[str] | None = None,
 
 def main(argv):
   del argv
-  if os.environ.get(OPT_IN_MAIN) == "1":  # faster steps, much more memory (refjax/runtime.py)
-    reexec_with_malloc_tuning()  # before any JAX computation; returns at once in the re-run
+  # Faster steps (refjax/runtime.py; REFJAX_NO_MALLOC_TUNING=1 opts out): before any JAX
+  # computation; returns at once in the re-run. The pipeline trims the heap between units.
+  reexec_with_malloc_tuning()
   cli.setup_logging()
   initialize(FLAGS.config.distributed)  # before any JAX computation; a no-op on one process
   with cli.user_errors():

@@ -4,12 +4,16 @@ XLA:CPU allocates each step's temporaries (3.2 GB for a SmolLM2-135M train step 
 one block, which glibc serves with a fresh `mmap` and returns with `munmap`: every step then
 page-faults all of it again (about 2.5 s of a 9 s step on 2 cores). Keeping large blocks in
 the one main heap, never trimmed, lets the next step reuse the same pages. glibc reads these
-tunables only at process start, so the benchmarks (and the main job, with REFJAX_MALLOC_TUNING=1)
-re-exec themselves once with them set.
+tunables only at process start, so the main job and the benchmarks re-exec themselves once with
+them set (REFJAX_NO_MALLOC_TUNING=1 opts out). A never-trimmed heap would keep every stage's freed
+temporaries, and one process runs all stages (an earlier default run reached 23.3 GB and was
+OOM-killed on a 24 GiB machine), so the pipeline gives the heap's free pages back between its
+units of work (`release_free_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -20,10 +24,6 @@ import sys
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                    "glibc.malloc.trim_threshold=68719476736")
 OPT_OUT = "REFJAX_NO_MALLOC_TUNING"
-# The main job tunes only when asked: a never-trimmed heap keeps every stage's freed temporaries,
-# and one process runs all stages (default smollm run: 23.3 GB RSS in `finetune`, OOM-killed on a
-# 24 GiB machine; the finetune stage alone peaks at 15.6 GB tuned vs 8.9 GB untuned).
-OPT_IN_MAIN = "REFJAX_MALLOC_TUNING"
 
 
 def malloc_tuning_applies(env=None) -> bool:
@@ -47,5 +47,15 @@ def reexec_with_malloc_tuning() -> None:
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "OPT_IN_MAIN", "malloc_tuning_applies",
-           "reexec_with_malloc_tuning"]
+def release_free_memory() -> bool:
+  """Gives the heap's free pages back to the kernel (glibc `malloc_trim(0)`): between a run's
+  units of work, so a never-trimmed heap holds one unit's temporaries, not every unit's. False
+  where there is no glibc."""
+  if platform.libc_ver()[0] != "glibc":
+    return False
+  ctypes.CDLL(None).malloc_trim(0)
+  return True
+
+
+__all__ = ["MALLOC_TUNABLES", "OPT_OUT", "malloc_tuning_applies",
+           "reexec_with_malloc_tuning", "release_free_memory"]

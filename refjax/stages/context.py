@@ -61,14 +61,16 @@ class Run:
     """What the teacher (and the base refusal feature) starts from: None = config.model."""
     return None if self.cfg.teacher.init == "base" else self.cfg.teacher.init
 
-  def load(self, name: str | Path | None = None) -> tuple[Any, Any, PromptFormat]:
+  def load(self, name: str | Path | None = None, lora_rank: int | None = None
+           ) -> tuple[Any, Any, PromptFormat]:
     """(model, tokenizer, prompt format) of config.model, or of model `name` with the same
-    settings (dtype, LoRA), each tensor read into its sharding on the mesh."""
+    settings (dtype, LoRA: `lora_rank` when given), each tensor read into its sharding."""
     mc = self.cfg.model
-    if name is not None:
+    if name is not None or lora_rank is not None:
       mc = mc.copy_and_resolve_references()
       with mc.unlocked():
-        mc.name = str(name)
+        mc.name = str(name) if name is not None else mc.name
+        mc.lora_rank = mc.lora_rank if lora_rank is None else int(lora_rank)
     model, tok = load_model_and_tokenizer(mc, plan=self.plan)
     fmt = PromptFormat.from_config(tok, self.cfg.prompt)
     check_lengths(fmt, self.cfg.prompt)

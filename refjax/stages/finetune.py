@@ -54,7 +54,7 @@ def finetune(r: Run, name: str) -> dict:
   cfg, wd = r.cfg, r.wd
   method, fc = METHODS[name], cfg.finetune
   out = wd.method(name)
-  model, tok, fmt = r.load()
+  model, tok, fmt = r.load(lora_rank=None if fc.lora_rank < 0 else fc.lora_rank)
   user = r.sets.user()
   weights = (keep_weights(r, user, fmt, method.filter) if method.filter
              else np.ones(len(user), np.float32))
@@ -107,7 +107,7 @@ def finetune(r: Run, name: str) -> dict:
                         extras=extras, extra_shardings=extra_sh)
   r.export(trained, tok, wd.method_model(name))
   summary = {"method": name, "steps": result.step, "final_loss": result.metrics.get("loss"),
-             "user_examples": len(user), "user_examples_kept": int((weights > 0).sum()),
+             "lora_rank": int(model.cfg.lora_rank), "user_examples": len(user), "user_examples_kept": int((weights > 0).sum()),
              "epochs": steps * groups[""][1] / max(packed_user.rows, 1),
              "rows_per_step": {k or "user": v[1] for k, v in groups.items()},
              "kd": ("cached top-%d targets" % int(fc.kd_topk) if int(fc.kd_topk) else

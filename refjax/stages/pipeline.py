@@ -21,6 +21,7 @@ import jax
 
 from refjax.data.paths import set_data_root
 from refjax.files import jsonable, write_json
+from refjax.runtime import release_free_memory
 from refjax.stages.context import Run
 from refjax.stages.cost import metered
 from refjax.stages.fingerprint import Plan, Unit, digest, key as _key, read_or_none
@@ -125,6 +126,7 @@ def _run_stage(plan: Plan, name: str, pending: list[Unit]) -> dict:
     log.info("%s: %s", _key(u), plan.why(u) if plan.marker(u) or r.wd.running(*u).exists()
              else "not done yet")
     _write_all([(r.wd.running(*u), {"fingerprint": fp, "inputs": inputs})])
+    release_free_memory()  # the unit's peak is its own, not the previous units' freed blocks
     with metered() as cost:
       out[u[1]] = (stage.fn(r, u[1]) if stage.per_method else stage.fn(r)) or {}
     _barrier(f"stage-{_key(u)}")  # every process sees the unit's files before the next reads them
