@@ -5,7 +5,8 @@ padding, and MFU against the matmul peak this script measures.
 Both train `reft` (CE on the user rows + KD from the teacher on the alignment rows) for one epoch
 over the same N user examples (SST-2 with 10% harmful QA, from ../shared/data) and the same
 alignment set, with AdamW at the same learning rate, on SmolLM2-135M-Instruct (student; its own
-weights stand in for the teacher: speed does not depend on them), LoRA r=8 on q/k/v/o and full.
+weights stand in for the teacher: speed does not depend on them), LoRA r=8 on the config's
+targets (smollm: every linear layer, as its default finetune) and full.
 
   refjax   the real pipeline stages `distill` (the teacher's top-k targets, once) and
            `finetune` (packed rows with segment ids, KD read from the cached targets)
@@ -50,7 +51,7 @@ def stage_config(args, lora: bool, n_user: int):
   c.finetune.train.update(batch_size=args.batch, log_every=1000, checkpoint_every=0,
                           progress_bar=False)
   c.finetune.optim.update(lr=args.lr, warmup_steps=0, schedule="constant", weight_decay=0.0)
-  c.model.lora_rank = 8 if lora else 0
+  c.finetune.lora_rank = 8 if lora else 0  # on the config's targets (smollm: every linear layer)
   return c
 
 
@@ -116,8 +117,7 @@ def torch_reference(args, lora: bool) -> dict:
   if lora:
     from peft import LoraConfig, get_peft_model
     student = get_peft_model(student, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "k_proj", "v_proj",
-                                                                 "o_proj"]))
+                                                 target_modules=list(cfg.model.lora_targets)))
   opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr,
                           weight_decay=0.0, foreach=True)
   n_align = max(1, round(args.align_ratio * args.batch))
@@ -206,7 +206,8 @@ def step_ratio(args, lora: bool) -> dict:
 
   plan = Parallel(parallel.make_mesh(config_lib.mesh_config(), devices=jax.devices()[:1]),
                   parallel.make_rules())
-  student, mcfg = load_hf_dir(base, lora_rank=cfg.model.lora_rank)
+  student, mcfg = load_hf_dir(base, lora_rank=cfg.finetune.lora_rank,
+                              lora_targets=tuple(cfg.model.lora_targets))
   teacher, _ = load_hf_dir(base)
   t_graphdef, t_state = nnx.split(teacher)
   tx, _ = optim.make_optimizer(cfg.finetune.optim, 100)
@@ -244,7 +245,7 @@ def step_ratio(args, lora: bool) -> dict:
   if lora:
     from peft import LoraConfig, get_peft_model
     ts = get_peft_model(ts, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                                       target_modules=list(cfg.model.lora_targets)))
   opt = torch.optim.AdamW([p for p in ts.parameters() if p.requires_grad], lr=args.lr,
                           weight_decay=0.0, foreach=True)
   tstep = torch_step(ts, tt, opt)
@@ -262,7 +263,7 @@ def step_ratio(args, lora: bool) -> dict:
     tstep(user, align)
     tt_.append(time.perf_counter() - t0)
   hf = json.loads((Path(base) / "config.json").read_text())
-  flops = (step_flops(hf, args.batch, args.max_len, cfg.model.lora_rank)
+  flops = (step_flops(hf, args.batch, args.max_len, cfg.finetune.lora_rank)
            + 2 * n_align * args.max_len * step_flops(hf, 1, 1, 0) / 6)  # + the teacher forward
   return {"jax_s": float(np.median(tj["everywhere"])), "torch_s": float(np.median(tt_)),
           "jax_targets_s": float(np.median(tj["targets"])), "flops": flops, "slots": slots}

@@ -25,7 +25,7 @@ CONFIG_DIR = REPO / "configs"
 NOT_CONFIGS = ("__init__",)  # configs/ modules without get_config
 # The variants each config file documents; a file not listed here is checked with "" only.
 VARIANTS = {
-    "smollm": ["", "quick", "all", "levers", "levers,quick"],
+    "smollm": ["", "quick", "all", "levers", "levers,quick", "full", "full,quick"],
     "tiny": [""],
     "llama": ["", "task=gsm8k", "task=ag_news", "size=13b", "pod=v5e-16", "pod=gpu-2x8",
               "size=13b,pod=gpu-2x8", "size=13b,pod=v5e-16,lora=16", "lora=8,task=gsm8k"],
@@ -119,6 +119,10 @@ def test_variants_change_what_they_document():
   assert b.model.name != b.teacher.init == "qwen2.5-coder-0.5b-instruct"
   assert qwen.get_config("quick").teacher.train.steps < q.teacher.train.steps
   assert smollm.get_config("quick").teacher.train.steps < smollm.get_config().teacher.train.steps
+  # The student's LoRA is the finetune's own: the teacher (model.lora_rank) stays full.
+  s, f = smollm.get_config(), smollm.get_config("full")
+  assert (s.model.lora_rank, s.finetune.lora_rank, f.finetune.lora_rank) == (0, 8, 0)
+  assert f.finetune.optim.lr < s.finetune.optim.lr
 
 
 def test_config_files_load_by_path_from_another_directory(tmp_path):
@@ -250,6 +254,7 @@ def test_run_pipeline_rejects_unknown_stage_and_method(tmp_path):
     ("finetune.kd_direction", "sideways", "finetune.kd_direction"),
     ("finetune.align_ratio", 1.0, "finetune.align_ratio"),
     ("finetune.target_logits", 1.5, "finetune.target_logits"),
+    ("finetune.lora_rank", -2, "finetune.lora_rank"),
     ("judge.non_answer_kinds", ("label", "sarcasm"), "judge.non_answer_kinds"),
     ("eval.judge", "vibes", "eval.judge"),
     ("teacher.optim.lr", -1.0, "teacher.optim.lr"),

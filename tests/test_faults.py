@@ -319,3 +319,34 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert steps == sorted(set(steps)), stage_dir  # every step once, in order
   updates = [u["step"] for u in read_json(b / "teacher/refusal_updates.json")]
   assert updates == [u["step"] for u in read_json(a / "teacher/refusal_updates.json")]
+
+
+def test_student_lora_retrains_only_the_finetunes_and_only_adapters(copy):
+  """finetune.lora_rank gives the student LoRA adapters while the teacher stays fully finetuned:
+  only the finetunes rerun, and the exported student differs from the base model only by a
+  low-rank update of the adapted projections (the full finetune before it moved every weight)."""
+  from safetensors.numpy import load_file
+
+  from refjax.stages.context import Run
+
+  wd, _, cfg = copy
+  before = mtimes(wd)
+  full = load_file(str(wd / "methods/sft/model/model.safetensors"))
+  cfg.finetune.lora_rank = 2
+  run_pipeline(cfg, wd, stages=["teacher", "refusal", "filter", "judge", "screen", "distill",
+                                "finetune"])
+  after = mtimes(wd)
+  for stage in ("teacher", "refusal", "filter", "distill"):
+    assert after[f"stages/{stage}.done.json"] == before[f"stages/{stage}.done.json"], stage
+  assert read_json(wd / "methods/sft/finetune.json")["lora_rank"] == 2
+  run = Run(cfg, Workdir(wd / "base_export"))
+  model, tok, _ = run.load()
+  base = load_file(str(run.export(model, tok, wd / "base_export/model") / "model.safetensors"))
+  lora = load_file(str(wd / "methods/sft/model/model.safetensors"))
+  embed = next(k for k in base if "embed_tokens" in k)
+  assert not np.array_equal(full[embed], base[embed])  # the full finetune moved it
+  assert np.array_equal(lora[embed], base[embed])  # LoRA did not
+  q = next(k for k in base if "q_proj.weight" in k)
+  delta = lora[q].astype(np.float64) - base[q]
+  assert np.abs(delta).max() > 0
+  assert np.linalg.matrix_rank(delta, tol=1e-6 * np.abs(delta).max()) <= 2
