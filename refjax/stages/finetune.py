@@ -107,7 +107,8 @@ def finetune(r: Run, name: str) -> dict:
                         extras=extras, extra_shardings=extra_sh)
   r.export(trained, tok, wd.method_model(name))
   summary = {"method": name, "steps": result.step, "final_loss": result.metrics.get("loss"),
-             "lora_rank": int(model.cfg.lora_rank), "user_examples": len(user), "user_examples_kept": int((weights > 0).sum()),
+             "lora_rank": int(model.cfg.lora_rank), "user_examples": len(user),
+             "user_examples_kept": int((weights > 0).sum()),
              "epochs": steps * groups[""][1] / max(packed_user.rows, 1),
              "rows_per_step": {k or "user": v[1] for k, v in groups.items()},
              "kd": ("cached top-%d targets" % int(fc.kd_topk) if int(fc.kd_topk) else
