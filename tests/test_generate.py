@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from refjax.data.prompts import PromptConfig, PromptFormat, bucket_length, pad_batch
-from refjax.evaluation.generation import Generator
+from refjax.evaluation.generation import Generator, batches
 from refjax.models.decode import SamplingConfig, decode, unstack
 from refjax.models.decoder import KVCache
 from refjax.models.weights import load_hf_dir
@@ -135,6 +135,21 @@ def test_generator_text_round_trip_and_order():
   assert len(out) == 3 and all(isinstance(o, str) for o in out)
   alone = gen.generate_text(["b"], SamplingConfig(max_new_tokens=5))
   assert out[2] == alone[0]  # batch composition and padding do not change a row's answer
+  # decoded shortest first, returned in input order: each answer is its own prompt's
+  assert gen.generate_text(prompts[::-1], SamplingConfig(max_new_tokens=5)) == out[::-1]
+
+
+def test_batches_sort_by_length_and_split_evenly():
+  lengths = [70, 52, 103, 60, 81] * 20  # 100 prompts
+  chunks = batches(lengths, 32)
+  assert [len(c) for c in chunks] == [25, 25, 25, 25]  # not 32 + 32 + 32 + 4
+  flat = np.concatenate(chunks)
+  assert sorted(flat.tolist()) == list(range(100))  # every prompt once
+  assert np.all(np.diff(np.asarray(lengths)[flat]) >= 0)  # shortest first
+  assert [len(c) for c in batches([1] * 101, 32)] == [26, 26, 26, 23]
+  assert [len(c) for c in batches([1] * 5, 32)] == [5] and batches([], 8) == []
+  with pytest.raises(ValueError, match="batch_size"):
+    batches([1], 0)
 
 
 def test_smollm2_greedy_matches_transformers_generate(smollm2_model, smollm2_tokenizer,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from refjax.data.prompts import (ALPACA_NO_INPUT, PromptConfig, PromptFormat, bucket_length,
-                                 pad_batch, user_text)
+from refjax.data.prompts import (ALPACA_NO_INPUT, BUCKETS, PromptConfig, PromptFormat,
+                                 bucket_length, pad_batch, user_text)
 from refjax.models.tiny import byte_tokenizer
 
 
@@ -76,7 +76,10 @@ def test_pad_batch_left_and_right(tok):
 
 
 def test_bucket_length():
-  assert [bucket_length(n) for n in (1, 32, 33, 500)] == [32, 32, 64, 512]
+  assert [bucket_length(n) for n in (1, 32, 33, 68, 129, 500)] == [32, 32, 48, 80, 160, 512]
+  # above 32, a bucket is at most a third longer than the one below it; they ascend
+  assert all(b / a <= 4 / 3 for a, b in zip(BUCKETS[1:], BUCKETS[2:])), BUCKETS
+  assert list(BUCKETS) == sorted(set(BUCKETS))
   with pytest.raises(ValueError):
     bucket_length(10**6)
 

@@ -16,7 +16,8 @@ from refjax.method import features
 from refjax.method import refusal
 from refjax.stages import workdir as workdir_lib
 
-from refusal_fixtures import WORDS, FakeExample, tiny_format, tiny_model
+from refjax.models.decoder import Decoder, keep_layers
+from refusal_fixtures import TINY_CONFIG, WORDS, FakeExample, tiny_format, tiny_model
 
 
 def _planted(rng, n, d=16, layers=3, strength=3.0):
@@ -272,3 +273,22 @@ def test_streaming_sums_with_sharded_batches(tiny, tmp_path):
   assert "SHARDED_OK 2" in res.stdout
   want = ref[:, labels == 1].mean(1) - ref[:, labels == 0].mean(1)
   np.testing.assert_allclose(np.load(out), want, rtol=1e-3, atol=1e-5)
+
+
+def test_scorer_cut_keeps_every_layer_feature_exactly(tiny):
+  """The filter's scorer runs the teacher cut to l + 1 blocks (`stages.scorer`): f_l(x) is the
+  same as the whole model's at every l, and cutting one block more would change it (the cut
+  model's last hidden state is normed)."""
+  _, fmt, examples, _ = tiny
+  model = Decoder(TINY_CONFIG.replace(num_layers=4), rngs=nnx.Rngs(3))
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, buckets=BUCKETS)
+  whole = features.extract_features(model, batches, progress=False)
+  for layer in range(5):
+    cut = keep_layers(model, min(layer + 1, 4))
+    assert cut.cfg.num_layers == min(layer + 1, 4)
+    got = features.extract_features(cut, batches, layers=(layer,), progress=False)[0]
+    np.testing.assert_allclose(got, whole[layer], rtol=1e-5, atol=1e-6, err_msg=str(layer))
+    if 1 <= layer <= 3:
+      short = features.extract_features(keep_layers(model, layer), batches, layers=(layer,),
+                                        progress=False)[0]
+      assert not np.allclose(short, whole[layer], atol=1e-3)

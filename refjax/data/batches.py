@@ -12,11 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refjax.data.prompts import PromptFormat, bucket_length, pad_batch
+from refjax.data.prompts import BUCKETS, PromptFormat, bucket_length, pad_batch
 
 HARMFUL, HARMLESS = "harmful", "harmless"
 HARMFUL_SIGN = {HARMFUL: 1, HARMLESS: -1}
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # padded prompt lengths jit sees
+DEFAULT_BUCKETS = BUCKETS  # padded prompt lengths jit sees
 
 
 @dataclasses.dataclass

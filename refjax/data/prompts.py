@@ -244,7 +244,13 @@ def pad_batch(encoded: Sequence[Encoded], length: int, pad_id: int, *, side: str
   return out
 
 
-def bucket_length(n: int, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048, 4096)) -> int:
+# Padded lengths jit sees: each at most a third longer than the one below (from 48), so a sorted
+# batch pads little (a 68-token SST-2 prompt pads to 80, not 128), for a few more compiled shapes.
+BUCKETS = (32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+           1024, 1280, 1536, 2048, 2560, 3072, 4096)
+
+
+def bucket_length(n: int, buckets: Sequence[int] = BUCKETS) -> int:
   """Smallest bucket >= n, so jit sees a few fixed shapes instead of one per prompt length."""
   for b in buckets:
     if n <= b:

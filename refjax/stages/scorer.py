@@ -23,6 +23,7 @@ from refjax.method.features import extract_features
 from refjax.method.filtering import score_prompts
 from refjax.method.scorers import (balanced_weights, fit_logistic, logistic_scores, max_cosine,
                                    multi_directions, probe_arrays, probe_from_arrays)
+from refjax.models.decoder import keep_layers
 from refjax.stages.context import Run
 from refjax.stages.decisions import write_decisions
 from refjax.stages.workdir import load_refusal_feature
@@ -40,9 +41,13 @@ class Scorer:
   def __init__(self, r: Run):
     self.r, fc = r, r.cfg.filter
     self.art = load_refusal_feature(r.require(r.wd.refusal, "refusal"))
-    self.teacher, _, self.fmt = r.load(r.require(r.wd.teacher_model, "teacher"))
+    teacher, _, self.fmt = r.load(r.require(r.wd.teacher_model, "teacher"))
     self.kind = fc.scorer
     self.layer = self.art.layer if int(fc.layer) < 0 else int(fc.layer)
+    # The blocks above the scorer's layer cannot change f_l(x): they are cut (layer 15 of
+    # SmolLM2's 30 halves the cost). One block more than l is kept, since a cut model's last
+    # hidden state is normed and f_l is block l's output as it is.
+    self.teacher = keep_layers(teacher, min(self.layer + 1, teacher.cfg.num_layers))
     self._fitted: Any = None
 
   def features(self, examples: Sequence[Any]) -> np.ndarray:
