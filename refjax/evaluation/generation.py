@@ -8,7 +8,7 @@ padding; the decode loop itself is `refjax.models.decode`.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
