@@ -7,14 +7,15 @@
   python -m refjax.main --config=configs/smollm.py:full     # full finetuning instead of LoRA
 
 The default filter is the paper's: BeaverTails alone in the teacher's data, one difference-of-
-means direction, cosine. `:levers` is the best setting measured on unseen harmful sources (README,
-"The filter on unseen sources"): five harmful sources balanced in the teacher's data, probe, layer
-choice and calibration; task-formatted and edgy harmless rows and wrapped prompts in the
-regulariser's data; a logistic probe on the teacher's layer-25 features as the filter's scorer.
-Its whole run (README) caught far more unseen harmful requests (recall 0.94 against 0.27) but
-dropped 31% of generic harmless instructions, and the student distilling from a teacher trained on
-that mixed data kept far less safety (`reft` HS 59 against 4), so it is a variant, not the
-default; variants combine (`:levers,quick`).
+means direction, cosine. `:levers` is the best setting measured on unseen harmful sources: five
+harmful sources balanced in the teacher's data, probe, layer choice and calibration;
+task-formatted and edgy harmless rows and wrapped prompts in the regulariser's data; a logistic
+probe on the teacher's layer-25 features as the filter's scorer.
+Its whole run (README, "The filter levers, run to the end") caught far more unseen harmful
+requests (recall 0.94 against 0.27) but dropped 31% of generic harmless instructions, and its HS
+is not measured yet: its students answer with the short templated refusals of its teacher's data,
+which the QA judge counts as harmful (`reft` 59 by that judge, 7 by the keyword judge). So it is a
+variant, not the default; variants combine (`:levers,quick`).
 
 The default trains a real attack: one epoch over 1000 user examples, 10% of them harmful, for
 every method, with LoRA adapters on the student (README, Results, gives the measured time).
