@@ -16,7 +16,6 @@ from refjax.data.prompts import BUCKETS, PromptFormat, bucket_length, pad_batch
 
 HARMFUL, HARMLESS = "harmful", "harmless"
 HARMFUL_SIGN = {HARMFUL: 1, HARMLESS: -1}
-DEFAULT_BUCKETS = BUCKETS  # padded prompt lengths jit sees
 
 
 @dataclasses.dataclass
@@ -68,7 +67,7 @@ def harmful_labels(examples: Sequence[Any], field: str = "label",
 def prompt_batches(examples: Sequence[Any], prompt_format: PromptFormat, *, batch_size: int,
                    max_len: int = 512, labels: Sequence[int] | np.ndarray | None = None,
                    side: str = "right", sort_by_length: bool = True,
-                   buckets: Sequence[int] = DEFAULT_BUCKETS) -> list[dict[str, np.ndarray]]:
+                   buckets: Sequence[int] = BUCKETS) -> list[dict[str, np.ndarray]]:
   """Encodes the examples' prompts (instruction + input, no response) into fixed-shape batches.
 
   Each batch holds pad_batch's arrays [B, bucket] plus `index` [B] (position in `examples`, -1 on
@@ -101,4 +100,4 @@ def prompt_batches(examples: Sequence[Any], prompt_format: PromptFormat, *, batc
 
 
 __all__ = ["EncodedSet", "encode_examples", "harmful_labels", "prompt_batches", "HARMFUL_SIGN",
-           "DEFAULT_BUCKETS", "HARMFUL", "HARMLESS"]
+           "HARMFUL", "HARMLESS"]

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from refjax.data.batches import DEFAULT_BUCKETS, prompt_batches
+from refjax.data.batches import prompt_batches
 from refjax.data.mixture import BENIGN, HARMFUL
-from refjax.data.prompts import PromptFormat
+from refjax.data.prompts import BUCKETS, PromptFormat
 from refjax.method.features import score_batches
 from refjax.method.refusal import auroc
 
@@ -28,7 +28,7 @@ DEFAULT_TARGET_RECALL = 0.95  # the paper tunes for harmful recall; our default 
 
 def score_prompts(model: nnx.Module, examples: Sequence[Any], prompt_format: PromptFormat,
                   layer: int, feature: np.ndarray | jax.Array, *, batch_size: int = 16,
-                  max_len: int = 512, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                  max_len: int = 512, buckets: Sequence[int] = BUCKETS,
                   progress: bool = True) -> np.ndarray:
   """Cosine [N] of each example's prompt feature at `layer` with the refusal feature.
 
