@@ -3,19 +3,18 @@
   python -m refjax.main --config=configs/smollm.py          # reft, sft, judge_filter, joint
   python -m refjax.main --config=configs/smollm.py:all      # + sa_ft, filter_only, distill_only
   python -m refjax.main --config=configs/smollm.py:quick    # a smoke run of every stage
-  python -m refjax.main --config=configs/smollm.py:levers   # the filter levers (see below)
+  python -m refjax.main --config=configs/smollm.py:paper    # the paper's filter (see below)
   python -m refjax.main --config=configs/smollm.py:full     # full finetuning instead of LoRA
 
-The default filter is the paper's: BeaverTails alone in the teacher's data, one difference-of-
-means direction, cosine. `:levers` is the best setting measured on unseen harmful sources: five
-harmful sources balanced in the teacher's data, probe, layer choice and calibration;
-task-formatted and edgy harmless rows and wrapped prompts in the regulariser's data; a logistic
-probe on the teacher's layer-25 features as the filter's scorer.
-Its whole run (README, "The filter levers, run to the end") caught far more unseen harmful
-requests (recall 0.94 against 0.27) but dropped 31% of generic harmless instructions, and its HS
-is not measured yet: its students answer with the short templated refusals of its teacher's data,
-which the QA judge counts as harmful (`reft` 59 by that judge, 7 by the keyword judge). So it is a
-variant, not the default; variants combine (`:levers,quick`).
+The default filter is the best measured on harmful sources the teacher never saw (issue 15;
+README, "The filter levers, run to the end"): five harmful sources balanced in the teacher's
+data, probe, layer choice and calibration; task-formatted and edgy harmless rows and wrapped
+prompts in the regulariser's data; a logistic probe on the teacher's layer-25 features as the
+filter's scorer. It catches nearly every unseen harmful request (recall 0.94 against the paper
+filter's 0.27) but drops about 30% of generic harmless instructions (0% of the task's rows); with
+the QA judge trained on short refusals too, its `reft` and `joint` are at least as safe as the
+paper filter's. `:paper` is the paper's filter: BeaverTails alone in the teacher's data, one
+difference-of-means direction, cosine. Variants combine (`:paper,quick`).
 
 The default trains a real attack: one epoch over 1000 user examples, 10% of them harmful, for
 every method, with LoRA adapters on the student (README, Results, gives the measured time).
@@ -29,7 +28,7 @@ from refjax.config_arg import parse_arg
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, {"quick": False, "all": False, "levers": False, "full": False},
+  a = parse_arg(arg, {"quick": False, "all": False, "paper": False, "full": False},
                 where="configs/smollm.py")
   c = base_config()
   c.model.name = "smollm2-135m-instruct"
@@ -47,7 +46,7 @@ def get_config(arg=None):
   c.data.n_alignment_harmless = 400
   c.refusal.n_probe = 64
   c.refusal.n_val = 64
-  if a["levers"]:  # issue 15's filter levers: the best measured on unseen harmful sources
+  if not a["paper"]:  # issue 15's filter levers: the best measured on unseen harmful sources
     c.data.alignment_mix = "beavertails,stl_alignment,advbench,malicious_instruct,tdc2023"
     c.data.harmless_mix = "sst2_train,ag_news_train,gsm8k_train,edgy_benign"
     c.data.n_harmless_mix = 50
@@ -93,12 +92,12 @@ def get_config(arg=None):
     c.finetune.update(epochs=0.0, max_len=128, pack_len=128)  # three steps, short rows
     c.finetune.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=0)
     c.filter.update(n_calibration=16, n_fit=32)
-    if a["levers"]:
+    if not a["paper"]:
       c.data.update(n_harmless_mix=4, wrap_per_family=2)
     c.generalisation.update(n_source=8, n_benign=8, wrap_per_family=2)
     c.eval.update(hs_n=8, fa_n=8, max_new_tokens=16, fa_max_new_tokens=4, batch_size=8)
     # a smaller judge (its own cache entry): the same recipe on a quarter of the pairs
     c.judge.update(n_harmful=200, n_safe_beavertails=100, n_safe_stl=50, n_helpful=25,
-                   n_non_answer=525, n_validation=16)
+                   n_non_answer=600, n_refuse_comply=50, n_validation=16)
     c.judge.train.update(steps=200)
   return c

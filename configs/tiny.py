@@ -46,6 +46,7 @@ def get_config(arg=None):
   # judges nothing well; this checks the machinery, not the figures).
   c.judge.update(backbone="tiny", layers=(1, 2), hidden=8, prompt_tokens=32, response_tokens=32,
                  n_harmful=16, n_safe_beavertails=8, n_safe_stl=4, n_helpful=4, n_non_answer=16,
+                 n_refuse_comply=4,
                  calib_percent=25, n_validation=4)
   c.judge.train.update(steps=20, log_every=10)
   return c

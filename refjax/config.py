@@ -285,7 +285,7 @@ _RULES = {
     "judge.hidden": _at_least(0), "judge.l2": _at_least(0), "judge.prompt_tokens": _at_least(1),
     "judge.response_tokens": _at_least(1), "judge.n_harmful": _at_least(1),
     **{f"judge.n_{k}": _at_least(0) for k in ("safe_beavertails", "safe_stl", "helpful",
-                                              "non_answer", "validation")},
+                                              "non_answer", "validation", "refuse_comply")},
     "judge.calib_percent": (lambda v: 1 <= v <= 50, "in [1, 50]"), "judge.batch_size": _at_least(1),
     **{f"{s}.train.{k}": r for s in ("teacher", "finetune", "judge")
        for k, r in _TRAIN_RULES.items()},

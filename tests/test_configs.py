@@ -25,7 +25,7 @@ CONFIG_DIR = REPO / "configs"
 NOT_CONFIGS = ("__init__",)  # configs/ modules without get_config
 # The variants each config file documents; a file not listed here is checked with "" only.
 VARIANTS = {
-    "smollm": ["", "quick", "all", "levers", "levers,quick", "full", "full,quick"],
+    "smollm": ["", "quick", "all", "paper", "paper,quick", "full", "full,quick"],
     "tiny": [""],
     "llama": ["", "task=gsm8k", "task=ag_news", "size=13b", "pod=v5e-16", "pod=gpu-2x8",
               "size=13b,pod=gpu-2x8", "size=13b,pod=v5e-16,lora=16", "lora=8,task=gsm8k"],
@@ -123,11 +123,13 @@ def test_variants_change_what_they_document():
   s, f = smollm.get_config(), smollm.get_config("full")
   assert (s.model.lora_rank, s.finetune.lora_rank, f.finetune.lora_rank) == (0, 8, 0)
   assert f.finetune.optim.lr < s.finetune.optim.lr
-  # The default filter is the paper's (BeaverTails, cosine); `:levers` is issue 15's.
-  v = smollm.get_config("levers")
-  assert (v.filter.scorer, v.filter.layer, v.data.alignment_mix.count(",")) == ("logistic", 25, 4)
-  assert (s.filter.scorer, s.filter.layer, s.data.alignment_mix) == ("cosine", -1, "")
-  assert smollm.get_config("levers,quick").data.n_harmless_mix < v.data.n_harmless_mix
+  # The default filter is issue 15's levers; `:paper` is the paper's (BeaverTails, cosine).
+  p = smollm.get_config("paper")
+  assert (s.filter.scorer, s.filter.layer, s.data.alignment_mix.count(",")) == ("logistic", 25, 4)
+  assert (p.filter.scorer, p.filter.layer, p.data.alignment_mix) == ("cosine", -1, "")
+  assert smollm.get_config("quick").data.n_harmless_mix < s.data.n_harmless_mix
+  with pytest.raises(ValueError, match="unknown variant key 'levers'"):
+    smollm.get_config("levers")
 
 
 def test_config_files_load_by_path_from_another_directory(tmp_path):

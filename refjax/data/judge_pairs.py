@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from refjax.data import paths
+from refjax.data import paths, refusal_phrasings
 from refjax.data.records import DataError
 from refjax.files import read_jsonl
 
@@ -149,7 +149,7 @@ class Truncator:
 # --- non-answers ------------------------------------------------------------------------------
 
 NON_ANSWER_TYPES = ("label", "label_rep", "number", "token_rep", "alpaca", "empty", "cutoff",
-                    "garbled")
+                    "garbled", "refusal")
 AG_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 SST_LABELS = ("positive", "negative")
 REPEAT_UNITS = ("!", ".", "?", "the", "a", "and", "I", "\n", "...", "-", "*", "0", "1", "ok",
@@ -163,6 +163,7 @@ class NonAnswerMaterial:
   alpaca_answers: list[str]  # unrelated helpful answers (train or held-out rows)
   cut_sources: list[str]  # answers whose first 1-3 words make the cut-off replies
   words: list[str]  # vocabulary for garbled text
+  refusals: refusal_phrasings.Grammar  # short refusals: training or held-out wordings
 
 
 def make_non_answer(kind: str, rng: random.Random, m: NonAnswerMaterial,
@@ -197,6 +198,8 @@ def make_non_answer(kind: str, rng: random.Random, m: NonAnswerMaterial,
       return " ".join(rng.choice(m.words) for _ in range(rng.randint(5, 50)))
     chars = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?-_()[]{}"  # random characters
     return "".join(rng.choice(chars) for _ in range(rng.randint(10, 200)))
+  if kind == "refusal":  # a short refusal, the way templated students write them
+    return refusal_phrasings.compose(rng, m.refusals)
   raise ValueError(f"non-answer kind {kind!r}; expected one of {NON_ANSWER_TYPES}")
 
 
@@ -236,7 +239,8 @@ def _alpaca_rows(root: Path, forbidden: Forbidden, held_out: bool) -> list[dict]
 
 # --- training pairs ---------------------------------------------------------------------------
 
-DEFAULT_SIZES = {"harmful": 900, "safe_bt": 450, "safe_stl": 450, "non": 700, "helpful": 200}
+DEFAULT_SIZES = {"harmful": 900, "safe_bt": 450, "safe_stl": 450, "non": 700, "helpful": 200,
+                 "refuse_comply": 0}
 
 
 def _truncation_variant(rng: random.Random, text: str, truncate: Truncator) -> tuple[str, str]:
@@ -251,9 +255,10 @@ def _truncation_variant(rng: random.Random, text: str, truncate: Truncator) -> t
 def build_training_pairs(truncate: Truncator, *, sizes: dict | None = None, seed: int = 0,
                          non_types: Sequence[str] = NON_ANSWER_TYPES,
                          root: Path | None = None) -> list[Pair]:
-  """Harmful prompt + harmful answer (1); harmful prompt + refusal/safe answer (0); harmful
-  prompt + benign non-answer (0); harmless prompt + helpful answer (0). Only allowed sources;
-  `assert_disjoint` is run before returning."""
+  """Harmful prompt + harmful answer (1); harmful prompt + a refusal, then the harmful answer
+  anyway (1, `refuse_comply`); harmful prompt + refusal/safe answer (0); harmful prompt + benign
+  non-answer (0); harmless prompt + helpful answer (0). Only allowed sources; `assert_disjoint`
+  is run before returning."""
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
   rng = random.Random(seed)
   forbidden = forbidden_material(root)
@@ -271,6 +276,11 @@ def build_training_pairs(truncate: Truncator, *, sizes: dict | None = None, seed
     text, var = _truncation_variant(rng, r["harmful_response"], truncate)
     pairs.append(Pair(f"bt:{r['idx']}:harmful:{var}", f"bt:{r['idx']}", r["prompt"], text,
                       HARMFUL, "harmful", var))
+  for r in rng.sample(bt, min(sizes["refuse_comply"], len(bt))):
+    text, var = _truncation_variant(rng, r["harmful_response"], truncate)
+    pairs.append(Pair(f"bt:{r['idx']}:refuse_comply:{var}", f"bt:{r['idx']}", r["prompt"],
+                      refusal_phrasings.refuse_then_comply(rng, refusal_phrasings.TRAIN, text),
+                      HARMFUL, "refuse_comply", var))
   for r in rng.sample(bt, min(sizes["safe_bt"], len(bt))):
     text, var = _truncation_variant(rng, r["response"], truncate)
     pairs.append(Pair(f"bt:{r['idx']}:safe:{var}", f"bt:{r['idx']}", r["prompt"], text, SAFE,
@@ -288,7 +298,7 @@ def build_training_pairs(truncate: Truncator, *, sizes: dict | None = None, seed
   material = NonAnswerMaterial(
       labels=labels, numbers=numbers, alpaca_answers=[r["response"] for r in alpaca],
       cut_sources=[r["harmful_response"] for r in bt] + [r["response"] for r in bt + stl],
-      words=_words(r["response"] for r in alpaca))
+      words=_words(r["response"] for r in alpaca), refusals=refusal_phrasings.TRAIN)
   harmful_prompts = ([(f"bt:{r['idx']}", r["prompt"]) for r in bt]
                      + [(f"stl:{r['idx']}", r["prompt"]) for r in stl]
                      + [(f"rd:{r['idx']}", r["prompt"]) for r in rd])
@@ -314,9 +324,13 @@ def split_groups(pairs: Sequence[Pair], calib_percent: int = 15) -> tuple[list[P
 
 def build_validation_pairs(truncate: Truncator, *, seed: int = 1, non_per_prompt: int = 2,
                            n_prompts: int = 0, root: Path | None = None) -> list[Pair]:
-  """Dev prompts with their reference harmful / safe answers (whole, first 64, first 32 tokens)
-  and benign non-answers made from held-out material (alpaca / gsm8k rows idx % 5 == 0, label
-  words, the dev references' own first 1-3 words); `n_prompts` > 0 takes the first that many."""
+  """Dev prompts with their reference harmful / safe answers (whole, first 64, first 32 tokens),
+  benign non-answers made from held-out material (alpaca / gsm8k rows idx % 5 == 0, label words,
+  the dev references' own first 1-3 words, refusals in held-out wordings), and per prompt one
+  more held-out short refusal (`non:refusal`, variant `teacher_template` when it opens with one of
+  the teacher data's templates, else `held_out`) and one refusal followed by the reference
+  harmful answer's first 64 tokens (harmful, variant `refuse_comply`); `n_prompts` > 0 takes the
+  first that many."""
   rng = random.Random(seed)
   dev = read_rows(BT_DEV, root)
   dev = dev[:n_prompts] if n_prompts else dev  # 0 = all 513
@@ -335,14 +349,24 @@ def build_validation_pairs(truncate: Truncator, *, seed: int = 1, non_per_prompt
       labels=labels, numbers=numbers, alpaca_answers=[a["response"] for a in alpaca],
       cut_sources=[r["reference_harmful_response"] for r in dev] + [r["reference_refusal"]
                                                                     for r in dev],
-      words=_words(a["response"] for a in alpaca))
+      words=_words(a["response"] for a in alpaca), refusals=refusal_phrasings.HELD_OUT)
   j = 0
-  for r in dev:
+  for n, r in enumerate(dev):
+    group = f"dev:{r['idx']}"
     for _ in range(non_per_prompt):
       kind = NON_ANSWER_TYPES[j % len(NON_ANSWER_TYPES)]
-      out.append(Pair(f"dev:{r['idx']}:non:{kind}:{j}", f"dev:{r['idx']}", r["prompt"],
+      out.append(Pair(f"{group}:non:{kind}:{j}", group, r["prompt"],
                       make_non_answer(kind, rng, material, truncate), SAFE, f"non:{kind}", "-"))
       j += 1
+    template = n % 2 == 0  # alternately opening with a teacher-data template or not
+    out.append(Pair(f"{group}:non:refusal:extra", group, r["prompt"],
+                    refusal_phrasings.compose(rng, refusal_phrasings.HELD_OUT, whole=template),
+                    SAFE, "non:refusal", "teacher_template" if template else "held_out"))
+    out.append(Pair(f"{group}:harmful:refuse_comply", group, r["prompt"],
+                    refusal_phrasings.refuse_then_comply(
+                        rng, refusal_phrasings.HELD_OUT,
+                        truncate(r["reference_harmful_response"], 64)),
+                    HARMFUL, "harmful", "refuse_comply"))
   return out
 
 

