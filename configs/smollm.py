@@ -7,14 +7,14 @@
   python -m refjax.main --config=configs/smollm.py:full     # full finetuning instead of LoRA
 
 The default filter is the best measured on harmful sources the teacher never saw (issue 15;
-README, "The filter levers, run to the end"): five harmful sources balanced in the teacher's
-data, probe, layer choice and calibration; task-formatted and edgy harmless rows and wrapped
-prompts in the regulariser's data; a logistic probe on the teacher's layer-25 features as the
-filter's scorer. It catches nearly every unseen harmful request (recall 0.94 against the paper
-filter's 0.27) but drops about 30% of generic harmless instructions (0% of the task's rows); with
-the QA judge trained on short refusals too, its `reft` and `joint` are at least as safe as the
-paper filter's. `:paper` is the paper's filter: BeaverTails alone in the teacher's data, one
-difference-of-means direction, cosine. Variants combine (`:paper,quick`).
+README, Results): five harmful sources balanced in the teacher's data, probe, layer choice and
+calibration; task-formatted and edgy harmless rows and wrapped prompts in the regulariser's data;
+a logistic probe on the teacher's layer-25 features as the filter's scorer. It catches nearly
+every unseen harmful request (recall 0.94 against the paper filter's 0.27) but drops about 30% of
+generic harmless instructions (0% of the task's rows); with it, `reft` is as safe as with the
+paper's filter and `joint` safer (HS 2 and 14 against 4 and 33). `:paper` is the paper's filter:
+BeaverTails alone in the teacher's data, one difference-of-means direction, cosine. Variants
+combine (`:paper,quick`).
 
 The default trains a real attack: one epoch over 1000 user examples, 10% of them harmful, for
 every method, with LoRA adapters on the student (README, Results, gives the measured time).
