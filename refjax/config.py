@@ -30,7 +30,7 @@ from refjax.stages.table import STAGES
 from refjax.config_sections import (distributed_config, judge_config, mesh_config, optim_config,
                                     train_config)
 from refjax.data.filter_sources import EDGY, HARMFUL_TRAINABLE, names
-from refjax.data.judge_pairs import NON_ANSWER_TYPES
+from refjax.data.non_answers import NON_ANSWER_TYPES
 from refjax.data.sets import LABELLED_SETS, MIX_CALIB
 from refjax.data.teacher_mix import REFUSAL_TARGETS, mix_names
 from refjax.training.optim import SCHEDULES

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from refjax.data.judge_pairs import NON_ANSWER_TYPES
+from refjax.data.non_answers import NON_ANSWER_TYPES
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from refjax.data import judge_pairs as jp
 from refjax.data import refusal_phrasings as rp
+from refjax.data.non_answers import NON_ANSWER_TYPES
 from refjax.data.records import DataError
 from refjax.data.teacher_mix import REFUSAL_TEMPLATES
 from refjax.evaluation.harmful_score import wilson
@@ -40,7 +41,7 @@ def spec(**kw) -> JudgeSpec:
   base = dict(backbone="tiny", layers=(1, 2), pooling="both", hidden=8, l2=1e-3, steps=150,
               lr=1e-2, prompt_tokens=24, response_tokens=24, sizes=(("harmful", 4),),
               calib_percent=20, threshold_rule="youden", batch_size=4, seed=0,
-              non_kinds=jp.NON_ANSWER_TYPES)
+              non_kinds=NON_ANSWER_TYPES)
   return JudgeSpec(**{**base, **kw})
 
 

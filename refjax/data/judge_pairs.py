@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from refjax.data import paths, refusal_phrasings
+from refjax.data.non_answers import (AG_LABELS, NON_ANSWER_TYPES, SST_LABELS,
+                                     NonAnswerMaterial, make_non_answer, vocabulary)
 from refjax.data.records import DataError
 from refjax.files import read_jsonl
 
@@ -146,72 +148,6 @@ class Truncator:
     return text if len(ids) <= k else self.tok.decode(ids[:k])
 
 
-# --- non-answers ------------------------------------------------------------------------------
-
-NON_ANSWER_TYPES = ("label", "label_rep", "number", "token_rep", "alpaca", "empty", "cutoff",
-                    "garbled", "refusal")
-AG_LABELS = ("World", "Sports", "Business", "Sci/Tech")
-SST_LABELS = ("positive", "negative")
-REPEAT_UNITS = ("!", ".", "?", "the", "a", "and", "I", "\n", "...", "-", "*", "0", "1", "ok",
-                "Sure", "yes", "no", "hello", "<", "#")
-
-
-@dataclasses.dataclass
-class NonAnswerMaterial:
-  labels: list[str]  # task label words
-  numbers: list[str]  # GSM8K final answers
-  alpaca_answers: list[str]  # unrelated helpful answers (train or held-out rows)
-  cut_sources: list[str]  # answers whose first 1-3 words make the cut-off replies
-  words: list[str]  # vocabulary for garbled text
-  refusals: refusal_phrasings.Grammar  # short refusals: training or held-out wordings
-
-
-def make_non_answer(kind: str, rng: random.Random, m: NonAnswerMaterial,
-                    truncate: Truncator) -> str:
-  if kind == "label":
-    return rng.choice(m.labels)
-  if kind == "label_rep":
-    sep = rng.choice([" ", "\n", ", ", " ", ""])
-    return sep.join([rng.choice(m.labels)] * rng.randint(2, 30)).strip() or rng.choice(m.labels)
-  if kind == "number":
-    n = rng.choice(m.numbers)
-    return n if rng.random() < 0.6 else rng.choice(["The final answer is: ", "#### ", ""]) + n
-  if kind == "token_rep":
-    unit = rng.choice(REPEAT_UNITS + tuple(rng.sample(m.words, 3)))
-    sep = "" if unit in ("!", ".", "?", "\n", "-", "*", "...", "<", "#") else " "
-    return sep.join([unit] * rng.randint(3, 60))
-  if kind == "alpaca":
-    a = rng.choice(m.alpaca_answers)
-    return a if rng.random() < 0.5 else truncate(a, rng.choice([32, 64]))
-  if kind == "empty":
-    return rng.choice(["", "", " ", "\n"])
-  if kind == "cutoff":
-    words = rng.choice(m.cut_sources).split()
-    return " ".join(words[:rng.randint(1, 3)])
-  if kind == "garbled":
-    r = rng.random()
-    if r < 0.5:  # shuffled words of an unrelated answer
-      w = rng.choice(m.alpaca_answers).split()
-      rng.shuffle(w)
-      return " ".join(w[:rng.randint(5, 60)])
-    if r < 0.8:  # random vocabulary words
-      return " ".join(rng.choice(m.words) for _ in range(rng.randint(5, 50)))
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?-_()[]{}"  # random characters
-    return "".join(rng.choice(chars) for _ in range(rng.randint(10, 200)))
-  if kind == "refusal":  # a short refusal, the way templated students write them
-    return refusal_phrasings.compose(rng, m.refusals)
-  raise ValueError(f"non-answer kind {kind!r}; expected one of {NON_ANSWER_TYPES}")
-
-
-def _words(texts: Iterable[str], limit: int = 5000) -> list[str]:
-  out = []
-  for t in texts:
-    out.extend(w for w in re.findall(r"[A-Za-z]{3,12}", t))
-    if len(out) > limit:
-      break
-  return sorted(set(out))
-
-
 def _task_material(root: Path, held_out: bool) -> tuple[list[str], list[str]]:
   labels = list(SST_LABELS) + list(AG_LABELS)
   nums = [r["label"] for r in read_rows(GSM8K, root)
@@ -298,7 +234,7 @@ def build_training_pairs(truncate: Truncator, *, sizes: dict | None = None, seed
   material = NonAnswerMaterial(
       labels=labels, numbers=numbers, alpaca_answers=[r["response"] for r in alpaca],
       cut_sources=[r["harmful_response"] for r in bt] + [r["response"] for r in bt + stl],
-      words=_words(r["response"] for r in alpaca), refusals=refusal_phrasings.TRAIN)
+      words=vocabulary(r["response"] for r in alpaca), refusals=refusal_phrasings.TRAIN)
   harmful_prompts = ([(f"bt:{r['idx']}", r["prompt"]) for r in bt]
                      + [(f"stl:{r['idx']}", r["prompt"]) for r in stl]
                      + [(f"rd:{r['idx']}", r["prompt"]) for r in rd])
@@ -349,7 +285,7 @@ def build_validation_pairs(truncate: Truncator, *, seed: int = 1, non_per_prompt
       labels=labels, numbers=numbers, alpaca_answers=[a["response"] for a in alpaca],
       cut_sources=[r["reference_harmful_response"] for r in dev] + [r["reference_refusal"]
                                                                     for r in dev],
-      words=_words(a["response"] for a in alpaca), refusals=refusal_phrasings.HELD_OUT)
+      words=vocabulary(a["response"] for a in alpaca), refusals=refusal_phrasings.HELD_OUT)
   j = 0
   for n, r in enumerate(dev):
     group = f"dev:{r['idx']}"
@@ -372,5 +308,5 @@ def build_validation_pairs(truncate: Truncator, *, seed: int = 1, non_per_prompt
 
 __all__ = ["Pair", "Truncator", "Forbidden", "forbidden_material", "assert_disjoint",
            "build_training_pairs", "build_validation_pairs", "split_groups", "stable_hash",
-           "normalise", "prompt_key", "assert_unseen", "SOURCE_FILES", "NON_ANSWER_TYPES",
+           "normalise", "prompt_key", "assert_unseen", "SOURCE_FILES",
            "DEFAULT_SIZES", "HARMFUL", "SAFE"]
