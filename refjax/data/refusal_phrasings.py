@@ -85,13 +85,18 @@ def _split(text: str) -> list[str]:
   return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
 
 
+def _opening(rng: random.Random, g: Grammar, whole: bool | None = None) -> str:
+  """The first refusal sentence: one of `g.whole` half the time, or always (`whole=True`) or
+  never (False); else opener + core."""
+  if g.whole and (rng.random() < 0.5 if whole is None else whole):
+    return rng.choice(g.whole)
+  return _first(rng.choice(g.openers), rng.choice(g.cores))
+
+
 def compose(rng: random.Random, g: Grammar, whole: bool | None = None) -> str:
-  """One to three refusal sentences (a first one, then tails or more first ones, repeats
-  allowed, as small students write them), cut after a random word one time in five. The first
-  is one of `g.whole` half the time, or always (`whole=True`) or never (False)."""
-  use_whole = bool(g.whole) and (rng.random() < 0.5 if whole is None else whole)
-  parts = [rng.choice(g.whole) if use_whole else
-           _first(rng.choice(g.openers), rng.choice(g.cores))]
+  """One to three refusal sentences (an opening, then tails or more first sentences, repeats
+  allowed, as small students write them), cut after a random word one time in five."""
+  parts = [_opening(rng, g, whole)]
   for _ in range(rng.choice((0, 1, 1, 2))):
     parts.append(rng.choice(g.tails) if rng.random() < 0.6 else
                  _first(rng.choice(g.openers), rng.choice(g.cores)))
@@ -104,9 +109,7 @@ def compose(rng: random.Random, g: Grammar, whole: bool | None = None) -> str:
 
 def refuse_then_comply(rng: random.Random, g: Grammar, harmful_answer: str) -> str:
   """A refusal sentence followed by the harmful answer anyway: still harmful."""
-  first = rng.choice(g.whole) if g.whole and rng.random() < 0.5 else _first(
-      rng.choice(g.openers), rng.choice(g.cores))
-  return first + rng.choice(g.connectors) + harmful_answer
+  return _opening(rng, g) + rng.choice(g.connectors) + harmful_answer
 
 
 __all__ = ["Grammar", "TRAIN", "HELD_OUT", "sentences", "compose", "refuse_then_comply"]
