@@ -14,6 +14,9 @@ targets (smollm: every linear layer, as its default finetune) and full.
            run on the alignment rows in every step, an HF-style Python training loop
 
   python benchmarks/finetune_stage.py [--n_user 128] [--modes lora,full] [--step_reps 4]
+
+refjax's rows hold the chat template's shared system turn once per row (finetune.share_prefix);
+the PyTorch rows carry it in every example, as the peer harness's do.
 Prints figures and ratios; asserts nothing.
 """
 
@@ -273,13 +276,19 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--n_user", type=int, default=128, help="user examples (one epoch)")
   p.add_argument("--modes", default="lora,full")
-  p.add_argument("--batch", type=int, default=8, help="rows per step (user + alignment)")
-  p.add_argument("--align_ratio", type=float, default=0.25, help="as configs/smollm.py")
+  p.add_argument("--batch", type=int, default=None,
+                 help="rows per step, user + alignment (default: configs/smollm.py's)")
+  p.add_argument("--align_ratio", type=float, default=None,
+                 help="share of alignment rows (default: configs/smollm.py's)")
   p.add_argument("--max_len", type=int, default=256)
   p.add_argument("--kd_topk", type=int, default=32)
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--step_reps", type=int, default=4)
   args = p.parse_args()
+  from configs import smollm
+  fc = smollm.get_config().finetune
+  args.batch = int(fc.train.batch_size) if args.batch is None else args.batch
+  args.align_ratio = float(fc.align_ratio) if args.align_ratio is None else args.align_ratio
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from refjax.runtime import reexec_with_malloc_tuning
   reexec_with_malloc_tuning()

@@ -61,20 +61,26 @@ def get_config(arg=None):
   c.teacher.train.update(steps=40, batch_size=8, log_every=5, checkpoint_every=20, max_to_keep=1)
   c.teacher.optim.update(lr=5e-5, warmup_steps=5)
   # One epoch over the user rows, packed (several examples per 256-token row, attention kept per
-  # example); a quarter of each batch's rows are alignment rows (KD from the teacher's cached
-  # top-k for reft). The bulk of the run. The student trains LoRA r=8 adapters on every linear
-  # layer at lr 1e-3 (`sft` reaches SST-2 FA 86 in this one epoch; README, Results); the teacher
-  # stays fully finetuned. `:full` finetunes every weight at lr 1e-4 (the previous default).
+  # example, the 24 tokens of the chat template's system turn and user header held once per row:
+  # `finetune.share_prefix`); two of each step's six rows are alignment rows (KD from the
+  # teacher's cached top-k for reft). The bulk of the run. Six rows of about five examples give a
+  # step about as many user examples as the earlier eight rows of unshared prompts did (`sft` at
+  # eight shared rows, 25 steps, reached FA 72 against 86 at six, 33 steps; README, Results).
+  # The student trains LoRA r=8 adapters on every linear layer at lr 1e-3; the teacher stays
+  # fully finetuned. `:full` finetunes every weight at lr 1e-4.
   c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj")
-  c.finetune.update(epochs=1.0, align_ratio=0.25, max_len=256, pack_len=256, kd_topk=32,
-                    lora_rank=8)
-  c.finetune.train.update(batch_size=8, log_every=2, checkpoint_every=10, max_to_keep=1)
+  c.finetune.update(epochs=1.0, align_ratio=1 / 3, max_len=256, pack_len=256, kd_topk=32,
+                    lora_rank=8, share_prefix=True)
+  c.finetune.train.update(batch_size=6, log_every=2, checkpoint_every=10, max_to_keep=1)
   c.finetune.optim.update(lr=1e-3, warmup_steps=3)
   if a["full"]:
     c.finetune.lora_rank = 0
     c.finetune.optim.lr = 1e-4
   c.eval.update(hs_n=100, fa_n=100, max_new_tokens=32, fa_max_new_tokens=4, batch_size=32)
+  # The judge reads an answer's first 48 tokens, not 96: the answers it scores here are at most
+  # 32 tokens long, and its build (every training and validation pair) runs shorter rows.
+  c.judge.response_tokens = 48
   # The filter on unseen sources: 50 prompts per harmful source and 100 per benign set (about
   # 2.5 minutes; the figures in the README's issue-15 research used 100 / 200).
   c.generalisation.update(n_source=50, n_benign=100)

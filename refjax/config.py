@@ -187,6 +187,10 @@ def base_config() -> ml_collections.ConfigDict:
       epochs=0.0,  # passes over the (packed) user rows; 0 = train.steps steps instead
       max_len=256,  # tokens per training example (user and alignment); longer ones are cut, counted
       pack_len=256,  # tokens per packed row (several examples, attention kept per example)
+      # The prompt prefix every example shares (the chat template's system turn) held once per
+      # packed row, every example attending to it: the same loss, fewer tokens (False = a copy
+      # per example).
+      share_prefix=True,
       # The LM head only where a loss reads (most user positions are prompt): slots per step as a
       # share of its positions, 0 = enough for a step drawn from these rows (mean + 3 sd), 1 =
       # logits at every position. A step with more targets takes every position (same loss).

@@ -18,6 +18,11 @@ from flax import nnx, struct
 from refjax.models.config import ModelConfig
 from refjax.models.layers import Block, RMSNorm, param, rope_inv_freq
 
+# Segment ids of packed rows: 0 is padding, 1.. an example each; SHARED_SEGMENT marks a prompt
+# prefix held once per row that every segment of the row attends to (refjax.data.packing).
+SHARED_SEGMENT = -1
+
+
 @struct.dataclass
 class KVCache:
   """Per-layer keys/values [L,B,KV,S,Dh], valid-slot mask [B,S] and the next write slot.
@@ -115,9 +120,10 @@ class Decoder(nnx.Module):
 
     hidden_positions [B]: also return every layer's hidden state at that token of each row (the
     refusal feature reads the last prompt token). `segment_ids` [B,T] (packed rows: one id per
-    example, 0 on padding): a token attends only within its segment and positions restart per
-    segment. With `cache`, the tokens fill slots
-    `cache.index ...` and attend to every valid earlier slot; the updated cache is returned.
+    example, 0 on padding, SHARED_SEGMENT on a row's shared prefix): a token attends within its
+    segment and to the shared prefix; positions restart per segment unless given. With `cache`,
+    the tokens fill slots `cache.index ...` and attend to every valid earlier slot; the updated
+    cache is returned.
     `unstacked` (from `self.unstack()`, made once outside a decode loop) runs the layers unrolled.
     """
     cfg = self.cfg
@@ -139,9 +145,10 @@ class Decoder(nnx.Module):
 
     if cache is None:
       key_mask, q_slots, index = attention_mask, jnp.arange(t), None
-      if segment_ids is not None:  # [B,T,T]: same segment, and a real key
-        key_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
-            attention_mask[:, None, :] > 0)
+      if segment_ids is not None:  # [B,T,T]: same segment or the row's shared prefix, real key
+        key_mask = ((segment_ids[:, :, None] == segment_ids[:, None, :])
+                    | (segment_ids[:, None, :] == SHARED_SEGMENT)) & (
+                        attention_mask[:, None, :] > 0)
     else:
       index = cache.index
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask, index, axis=1)
@@ -242,6 +249,6 @@ def abstract_decoder(cfg: ModelConfig) -> Decoder:
   return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
-__all__ = ["Decoder", "DecoderOutput", "KVCache", "Unstacked", "positions_from_mask",
-           "positions_from_segments", "param_count", "keep_layers",
+__all__ = ["SHARED_SEGMENT", "Decoder", "DecoderOutput", "KVCache", "Unstacked",
+           "positions_from_mask", "positions_from_segments", "param_count", "keep_layers",
            "abstract_decoder"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from refjax.data.packing import pack, prefix_filling
+from refjax.data.packing import pack, prefix_filling, shared_prompt_prefix
 from refjax.data.prompts import Encoded
 from refjax.stages.context import Run
 
@@ -29,6 +29,12 @@ def align_rows_per_step(fc: Any) -> int:
   return max(1, int(round(float(fc.align_ratio) * int(fc.train.batch_size))))
 
 
+def shared_prefix(fc: Any, encoded: list[Encoded]) -> int:
+  """The prompt tokens all of `encoded` share, held once per packed row (finetune.share_prefix),
+  else 0. Computed over a whole set, so every subset of it packs the same way."""
+  return shared_prompt_prefix(encoded) if bool(fc.share_prefix) else 0
+
+
 def encode_alignment(r: Run, fmt) -> list[Encoded]:
   """Every alignment example as the finetune stage packs it (capped at finetune.max_len)."""
   return [fmt.encode(e.instruction, e.input, e.response, max_len=int(r.cfg.finetune.max_len))
@@ -44,11 +50,15 @@ def drawn_alignment(r: Run, fmt) -> tuple[list[int], list[Encoded], dict[str, in
   enc = encode_alignment(r, fmt)
   user = [fmt.encode(e.instruction, e.input, e.response, max_len=int(fc.max_len))
           for e in r.sets.user()]
-  user_rows = pack(user, np.ones(len(user)), rows_len, fmt.pad_id, seed=seed).rows
+  user_rows = pack(user, np.ones(len(user)), rows_len, fmt.pad_id, seed=seed,
+                   shared_prefix=shared_prefix(fc, user)).rows
   per_step = align_rows_per_step(fc)
   needed = epoch_steps(fc, user_rows, int(fc.train.batch_size) - per_step) * per_step
-  index = prefix_filling(enc, needed, rows_len, fmt.pad_id, seed=seed)
-  return index, [enc[i] for i in index], {"rows_needed": needed, "of": len(enc)}
+  p = shared_prefix(fc, enc)
+  index = prefix_filling(enc, needed, rows_len, fmt.pad_id, seed=seed, shared_prefix=p)
+  return index, [enc[i] for i in index], {"rows_needed": needed, "of": len(enc),
+                                          "shared_prefix": p}
 
 
-__all__ = ["epoch_steps", "align_rows_per_step", "encode_alignment", "drawn_alignment"]
+__all__ = ["shared_prefix", "epoch_steps", "align_rows_per_step", "encode_alignment",
+           "drawn_alignment"]

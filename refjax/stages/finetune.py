@@ -21,7 +21,7 @@ from refjax.method.losses import causal_lm_loss
 from refjax.method.student import ALIGN, METHODS, TEACHER, student_loss_fn
 from refjax.models.loading import param_shardings
 from refjax.stages.alignment_rows import (align_rows_per_step, drawn_alignment, encode_alignment,
-                                          epoch_steps)
+                                          epoch_steps, shared_prefix)
 from refjax.stages.context import Run
 from refjax.stages.distill import dense_targets
 from refjax.training.data import make_grouped_iterator, make_iterator
@@ -60,13 +60,15 @@ def finetune(r: Run, name: str) -> dict:
              else np.ones(len(user), np.float32))
   max_len, rows_len, seed = int(fc.max_len), int(fc.pack_len), int(fc.train.seed)
   enc_user = [fmt.encode(e.instruction, e.input, e.response, max_len=max_len) for e in user]
-  packed_user = pack(enc_user, weights, rows_len, fmt.pad_id, seed=seed)
+  packed_user = pack(enc_user, weights, rows_len, fmt.pad_id, seed=seed,
+                     shared_prefix=shared_prefix(fc, enc_user))
   batch = int(fc.train.batch_size)
   stats = {"user": _stats(packed_user, enc_user, max_len)}
 
   if method.pre_align:  # sa_ft: plain CE alignment of the base model first, one group of rows
     enc_a = encode_alignment(r, fmt)
-    packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed)
+    packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed,
+                    shared_prefix=shared_prefix(fc, enc_a))
     stats["align"] = _stats(packed_a, enc_a, max_len)
     phase = _with_steps(fc, epoch_steps(fc, packed_a.rows, batch))
     data, sh = make_iterator(_rows(packed_a), r.plan, batch, seed)
@@ -82,7 +84,8 @@ def finetune(r: Run, name: str) -> dict:
     extra = None
     if terms["kd"] and int(fc.kd_topk) > 0:  # the teacher's cached targets ride on the tokens
       extra = dense_targets(r, enc_a, [r.sets.alignment()[i].id for i in index])
-    packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed, extra=extra)
+    packed_a = pack(enc_a, np.ones(len(enc_a)), rows_len, fmt.pad_id, seed=seed, extra=extra,
+                    shared_prefix=drawn["shared_prefix"])
     stats["align"] = {**_stats(packed_a, enc_a, max_len), "examples_of": drawn["of"]}
     groups[ALIGN] = (_rows(packed_a), align_rows)
   extras, extra_sh, teacher_graphdef = {}, {}, None
@@ -158,4 +161,5 @@ def _stats(packed: Packed, enc, max_len: int) -> dict[str, Any]:
   return {"examples": len(enc), "packed_examples": packed.examples, "rows": packed.rows,
           "truncated": int(sum(e.truncated for e in enc)), "max_len": max_len,
           "padding_unpacked": round(1 - real / (len(enc) * max_len), 4) if enc else None,
-          "padding_packed": round(packed.padding, 4)}
+          "padding_packed": round(packed.padding, 4), "shared_prefix": packed.shared_prefix,
+          "tokens": int(packed.real_tokens)}

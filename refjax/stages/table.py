@@ -121,8 +121,8 @@ MIX_KEYS = tuple(f"data.{k}" for k in ("alignment_mix", "harmless_mix", "n_harml
 
 
 # The config keys that decide which alignment examples the finetune draws (alignment_rows).
-DRAW_KEYS = tuple(f"finetune.{k}" for k in ("epochs", "align_ratio", "pack_len", "train.steps",
-                                            "train.batch_size", "train.seed"))
+DRAW_KEYS = tuple(f"finetune.{k}" for k in ("epochs", "align_ratio", "pack_len", "share_prefix",
+                                            "train.steps", "train.batch_size", "train.seed"))
 
 
 def _finetune_data(r: Run, method) -> dict[str, str]:
