@@ -3,10 +3,10 @@ segment (attention and positions never cross a segment boundary), so padding is 
 one shape. The per-example weight rides on its response tokens (a dropped example has weight 0 and
 is left out of the rows).
 
-A prompt prefix every example shares (the chat template's system turn: 16 of an SST-2 example's
-~60 tokens for SmolLM2) can be held once per row (`shared_prefix`): it is segment SHARED (-1),
-which every segment of the row also attends to, and each example's own tokens keep their
-positions (counting from the prefix). An example then computes exactly what it computes alone,
+A prompt prefix every example shares (the chat template's system turn and user header: 24 of an
+SST-2 example's ~67 tokens for SmolLM2) can be held once per row (`shared_prefix`): it is segment
+SHARED (-1), which every segment of the row also attends to, and each example's own tokens keep
+their positions (counting from the prefix). An example then computes exactly what it computes alone,
 with the prefix's tokens run once per row instead of once per example."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def shared_prompt_prefix(encoded: Sequence[Encoded]) -> int:
     while m < n and ids[m] == first[m]:
       m += 1
     n = m
-  return max(n, 0)
+  return n
 
 
 def pack(encoded: Sequence[Encoded], weights: Sequence[float], length: int, pad_id: int, *,
@@ -77,7 +77,7 @@ def pack(encoded: Sequence[Encoded], weights: Sequence[float], length: int, pad_
            or any(encoded[i].response_mask[:p])]
     if bad:
       raise ValueError(f"shared_prefix={p}: example {bad[0]} does not start with the other "
-                       f"examples' first {p} prompt tokens")
+                       f"examples' first {p} tokens, or they reach past its prompt")
   order = np.random.default_rng(seed).permutation(len(keep))  # ties broken by a seeded order
   order = sorted((keep[i] for i in order), key=lambda i: -len(encoded[i].ids))
   rows: list[list[int]] = []
