@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       stop_tokens=(),  # extra end-of-turn tokens besides the tokenizer's EOS
       max_len=256,  # tokens per training example (prompt cut left, answer cut right)
       max_prompt_len=256,  # tokens per prompt when scoring or generating
+      share_prefix=True,  # scoring runs the prefix all prompts share once a batch (same features)
   ))
 
   # Demo generation (the `generate` stage): a few prompts answered by the base model.

@@ -3,7 +3,11 @@
 XLA:CPU allocates each step's temporaries (3.2 GB for a SmolLM2-135M train step at 8x128) as
 one block, which glibc serves with a fresh `mmap` and returns with `munmap`: every step then
 page-faults all of it again (about 2.5 s of a 9 s step on 2 cores). Keeping large blocks in
-the one main heap, never trimmed, lets the next step reuse the same pages. glibc reads these
+the one main heap, never trimmed, lets the next step reuse the same pages. That alone held only
+when the process was started from a shell: re-executed by Python (as the entry points do) the heap
+still grew by a fresh 3.7 GB block on some steps, 0.9 M page faults a step; with the heap backed
+by transparent huge pages (`hugetlb=1`) no step faults either way (`benchmarks/train_step.py`
+prints faults per step: a LoRA step at 6x256, 11.1 s against 14.8 s). glibc reads these
 tunables only at process start, so the main job and the benchmarks re-exec themselves once with
 them set (REFJAX_NO_MALLOC_TUNING=1 opts out). A never-trimmed heap would keep every stage's freed
 temporaries, and one process runs all stages (an earlier default run reached 23.3 GB and was
@@ -20,9 +24,10 @@ import sys
 
 # arena_max=1: worker threads allocate from the main heap (a thread arena cannot hold a
 # multi-GB block, so glibc would mmap it); mmap_max=0: never mmap; trim_threshold: never give
-# the heap's top back to the kernel between steps.
+# the heap's top back to the kernel between steps; hugetlb=1: the heap is madvised for
+# transparent huge pages (glibc >= 2.35; older ones ignore the name).
 MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=68719476736")
+                   "glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1")
 OPT_OUT = "REFJAX_NO_MALLOC_TUNING"
 
 

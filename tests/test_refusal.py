@@ -180,10 +180,17 @@ def tiny():
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_extract_features_matches_eager_reference(tiny, side):
+@pytest.mark.parametrize("share", [False, True])
+def test_extract_features_matches_eager_reference(tiny, side, share):
   model, fmt, examples, ref = tiny
-  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, side=side, buckets=BUCKETS)
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, side=side, buckets=BUCKETS,
+                                     share_prefix=share)
   assert len(batches) == 3 and sum(int(b["valid"].sum()) for b in batches) == len(examples)
+  if share:  # the template's opening is held once per batch; the rows hold the rest
+    full = [fmt.encode(e.instruction, e.input).ids for e in examples]
+    p = len(batches[0]["prefix"])
+    assert p > 10 and all(ids[:p] == full[0][:p] for ids in full)
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == sum(map(len, full)) - p * 11
   got = features.extract_features(model, batches, progress=False)
   assert got.shape == (model.cfg.num_layers + 1, len(examples), model.cfg.hidden_size)
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-5)
@@ -198,10 +205,12 @@ def test_extract_features_layer_subset(tiny):
     features.extract_features(model, batches, layers=(3,), progress=False)
 
 
-def test_refusal_feature_and_scores_on_tiny_model(tiny):
+@pytest.mark.parametrize("share", [False, True])
+def test_refusal_feature_and_scores_on_tiny_model(tiny, share):
   model, fmt, examples, ref = tiny
   labels = batch_lib.harmful_labels(examples)
-  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
+  batches = batch_lib.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS,
+                                     share_prefix=share)
   feature, sums = features.compute_refusal_feature(model, batches, progress=False)
   want = ref[:, labels == 1].mean(1) - ref[:, labels == 0].mean(1)
   np.testing.assert_allclose(np.asarray(feature), want, rtol=1e-3, atol=1e-5)
@@ -292,3 +301,50 @@ def test_scorer_cut_keeps_every_layer_feature_exactly(tiny):
       short = features.extract_features(keep_layers(model, layer), batches, layers=(layer,),
                                         progress=False)[0]
       assert not np.allclose(short, whole[layer], atol=1e-3)
+
+
+def test_probe_is_the_feature_and_scores_of_separate_passes(tiny):
+  """`probe` runs each prompt once; what it returns equals the separate feature and score passes."""
+  model, fmt, examples, _ = tiny
+  labels = batch_lib.harmful_labels(examples)
+  probe_b = batch_lib.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
+  val_b = batch_lib.prompt_batches(examples[::-1], fmt, batch_size=4, labels=labels[::-1],
+                                   buckets=BUCKETS)
+  p = features.probe(model, probe_b, val_b, labels[::-1], progress=False)
+  feature, sums = features.compute_refusal_feature(model, probe_b, progress=False)
+  np.testing.assert_allclose(p.feature, feature, rtol=1e-5, atol=1e-6)
+  assert int(p.sums.n_harmful) == int(sums.n_harmful) == int(labels.sum())
+  np.testing.assert_array_equal(p.probe_labels, labels)
+  np.testing.assert_allclose(p.probe_scores[1:], features.score_batches(
+      model, probe_b, feature, progress=False)[1:], atol=1e-5)
+  np.testing.assert_allclose(p.val_scores[1:], features.score_batches(
+      model, val_b, feature, progress=False)[1:], atol=1e-5)
+  assert p.layer_auroc[2] == pytest.approx(refusal.auroc(p.val_scores[2], labels[::-1]))
+
+
+def test_teacher_hook_takes_step_zero_from_the_start_probe(tiny):
+  """The stage's probe of the start model is the step-0 update (record and R_l, not recomputed);
+  every later update is computed from the current parameters, the same as without it."""
+  from types import SimpleNamespace
+  from refjax.method import teacher
+  from refjax.training.fit import train_graphdef
+  model, fmt, examples, _ = tiny
+  labels = batch_lib.harmful_labels(examples)
+  probe_b = batch_lib.prompt_batches(examples, fmt, batch_size=4, labels=labels, buckets=BUCKETS)
+  _, params, frozen = nnx.split(model, nnx.Param, ...)
+  state = SimpleNamespace(params=params, frozen=frozen)
+  # a start probe the current parameters would not give, so using it is visible
+  other = nnx.merge(*nnx.split(model)[:1], jax.tree.map(lambda a: a * 1.5, nnx.state(model)))
+  start = features.probe(other, probe_b, probe_b, labels, progress=False)
+  seen = []
+  gd = train_graphdef(model)
+  hook = teacher.refusal_update_hook(gd, 1, probe_b, probe_b, labels, 5, seen.append, start=start)
+  fresh = teacher.refusal_update_hook(gd, 1, probe_b, probe_b, labels, 5)
+  got = hook.fn(0, state, {})
+  np.testing.assert_array_equal(got.extras[teacher.FEATURE], start.feature[1])
+  assert seen == [teacher.update_record(0, start, 1)]
+  assert not np.allclose(fresh.fn(0, state, {}).extras[teacher.FEATURE], start.feature[1])
+  got, want = hook.fn(5, state, {}), fresh.fn(5, state, {})
+  np.testing.assert_allclose(got.extras[teacher.FEATURE], want.extras[teacher.FEATURE],
+                             rtol=1e-6)
+  assert got.metrics == pytest.approx(want.metrics, rel=1e-6) and seen[-1]["step"] == 5

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from refjax.data.prompts import BUCKETS, PromptFormat, bucket_length, pad_batch
+from refjax.data.packing import shared_prompt_prefix
+from refjax.data.prompts import BUCKETS, Encoded, PromptFormat, bucket_length, pad_batch
 
 HARMFUL, HARMLESS = "harmful", "harmless"
 HARMFUL_SIGN = {HARMFUL: 1, HARMLESS: -1}
@@ -67,13 +68,16 @@ def harmful_labels(examples: Sequence[Any], field: str = "label",
 def prompt_batches(examples: Sequence[Any], prompt_format: PromptFormat, *, batch_size: int,
                    max_len: int = 512, labels: Sequence[int] | np.ndarray | None = None,
                    side: str = "right", sort_by_length: bool = True,
-                   buckets: Sequence[int] = BUCKETS) -> list[dict[str, np.ndarray]]:
+                   buckets: Sequence[int] = BUCKETS, share_prefix: bool = False
+                   ) -> list[dict[str, np.ndarray]]:
   """Encodes the examples' prompts (instruction + input, no response) into fixed-shape batches.
 
   Each batch holds pad_batch's arrays [B, bucket] plus `index` [B] (position in `examples`, -1 on
   padding rows) and, given `labels`, `harmful` [B]. Sorting by length cuts padding; `index`
   restores the input order. Each batch's length is the smallest of `buckets` that fits it, so jit
-  compiles once per bucket used.
+  compiles once per bucket used. `share_prefix`: the leading tokens every prompt shares (the chat
+  template's system turn) leave the rows and come once as `prefix` [P] in every batch; the scoring
+  pass runs them once per batch (`refjax.method.features`) and the rows continue from them.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}; expected >= 1")
@@ -81,6 +85,12 @@ def prompt_batches(examples: Sequence[Any], prompt_format: PromptFormat, *, batc
     raise ValueError(f"{len(labels)} labels for {len(examples)} examples")
   enc = [prompt_format.encode(ex.instruction, getattr(ex, "input", "") or "", max_len=max_len)
          for ex in examples]
+  prefix = np.zeros((0,), np.int32)
+  if share_prefix and enc:
+    p = shared_prompt_prefix(enc)
+    prefix = np.asarray(enc[0].ids[:p], np.int32)
+    enc = [Encoded(e.ids[p:], e.last_prompt_index - p, e.response_mask[p:], e.truncated)
+           for e in enc]
   order = np.arange(len(enc))
   if sort_by_length:
     order = np.argsort([len(e.ids) for e in enc], kind="stable")
@@ -95,6 +105,8 @@ def prompt_batches(examples: Sequence[Any], prompt_format: PromptFormat, *, batc
     if labels is not None:
       batch["harmful"] = np.zeros((batch_size,), np.int32)
       batch["harmful"][:len(idx)] = np.asarray(labels)[idx]
+    if len(prefix):
+      batch["prefix"] = prefix
     batches.append(batch)
   return batches
 

@@ -8,6 +8,7 @@ serves every batch and sharded states and batches just work.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from typing import Any, Iterable, Mapping, Sequence
@@ -18,17 +19,32 @@ import numpy as np
 from flax import nnx
 
 from refjax.method.refusal import ClassSums, auroc, class_sums, cosine_scores, refusal_feature
+from refjax.models.decoder import KVCache
 
 BATCH_KEYS = ("tokens", "attention_mask", "last_prompt_index", "valid")
+OPTIONAL_KEYS = ("prefix",)  # the prompts' shared leading tokens, run once per batch
 
 Batch = Mapping[str, np.ndarray | jax.Array]
 
 
+def prefix_cache(model: nnx.Module, prefix: jax.Array, batch: int, length: int) -> KVCache:
+  """The keys/values of `prefix` [P] (run once) for `batch` rows, with room for `length` more
+  tokens: rows that continue from it see exactly what they would with the prefix in every row."""
+  p = prefix.shape[0]
+  out = model(prefix[None], cache=KVCache.zeros(model.cfg, 1, p + length), return_logits=False)
+  c = out.cache
+  rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (batch,) + a.shape[2:])
+  return KVCache(rows(c.k), rows(c.v), jnp.broadcast_to(c.mask, (batch, p + length)), c.index)
+
+
 def last_token_features(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array,
-                        last_prompt_index: jax.Array,
-                        layers: tuple[int, ...] | None = None) -> jax.Array:
-  """Hidden states [L',B,D] (fp32) at each row's last prompt token; `layers` picks rows of L+1."""
-  out = model(tokens, attention_mask, hidden_positions=last_prompt_index, return_logits=False)
+                        last_prompt_index: jax.Array, layers: tuple[int, ...] | None = None,
+                        prefix: jax.Array | None = None) -> jax.Array:
+  """Hidden states [L',B,D] (fp32) at each row's last prompt token; `layers` picks rows of L+1.
+  With `prefix` [P], every row continues from those tokens (`prompt_batches(share_prefix=True)`)."""
+  cache = None if prefix is None else prefix_cache(model, prefix, *tokens.shape)
+  out = model(tokens, attention_mask, hidden_positions=last_prompt_index, return_logits=False,
+              cache=cache)
   hidden = out.hidden.astype(jnp.float32)
   return hidden if layers is None else hidden[np.asarray(layers)]
 
@@ -37,7 +53,7 @@ def _batch_features(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch,
                     layers: tuple[int, ...] | None) -> jax.Array:
   model = nnx.merge(graphdef, state)
   return last_token_features(model, batch["tokens"], batch["attention_mask"],
-                             batch["last_prompt_index"], layers)
+                             batch["last_prompt_index"], layers, batch.get("prefix"))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers"))
@@ -77,7 +93,7 @@ def _device_batch(batch: Batch, keys: Sequence[str]) -> dict[str, jax.Array]:
   missing = [k for k in keys if k not in batch]
   if missing:
     raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
-  return {k: jnp.asarray(batch[k]) for k in keys}
+  return {k: jnp.asarray(batch[k]) for k in (*keys, *OPTIONAL_KEYS) if k in batch}
 
 
 def _layer_count(model: nnx.Module, layers: tuple[int, ...] | None) -> int:
@@ -155,11 +171,11 @@ def _per_row(batches: Iterable[Batch], fn, desc: str, progress: bool,
 
 def extract_features(model: nnx.Module, batches: Iterable[Batch], *,
                      layers: Sequence[int] | None = None, progress: bool = True,
-                     total: int | None = None) -> np.ndarray:
+                     total: int | None = None, desc: str = "features") -> np.ndarray:
   """Features [L',N,D] (fp32 numpy) of every valid row, in example (`index`) or stream order."""
   layers = _check_layers(model, layers)
   graphdef, state = nnx.split(model)
-  return _per_row(batches, lambda b: batch_features(graphdef, state, b, layers), "features",
+  return _per_row(batches, lambda b: batch_features(graphdef, state, b, layers), desc,
                   progress, total)
 
 
@@ -177,14 +193,46 @@ def score_batches(model: nnx.Module, batches: Iterable[Batch], feature: np.ndarr
                   progress, total)
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """R [L+1,D] from the probe set and what it scores: the probe prompts' own cosines [L+1,N_p]
+  with their labels, and the validation prompts' cosines [L+1,N_v] with the per-layer AUROC."""
+
+  feature: np.ndarray
+  sums: ClassSums
+  probe_scores: np.ndarray
+  probe_labels: np.ndarray
+  val_scores: np.ndarray
+  layer_auroc: list[float]
+
+
+def probe(model: nnx.Module, probe_batches: Sequence[Batch], val_batches: Sequence[Batch],
+          val_labels: np.ndarray, *, progress: bool = True) -> Probe:
+  """One pass over the probe prompts (R and their own cosines from the same features) and one over
+  the validation prompts, every layer."""
+  feats = extract_features(model, probe_batches, progress=progress, desc="refusal feature")
+  labels = np.concatenate([b["harmful"][np.asarray(b["valid"]).astype(bool)]
+                           for b in probe_batches])
+  order = np.concatenate([b["index"][np.asarray(b["valid"]).astype(bool)] for b in probe_batches])
+  labels = labels[np.argsort(order, kind="stable")]
+  sums = class_sums(jnp.asarray(feats), jnp.ones(len(labels)), jnp.asarray(labels))
+  if int(sums.n_harmful) == 0 or int(sums.n_harmless) == 0:
+    raise ValueError(f"refusal feature needs both classes; got {int(sums.n_harmful)} harmful and "
+                     f"{int(sums.n_harmless)} harmless valid prompts")
+  feature = np.asarray(refusal_feature(sums))
+  val_scores = score_batches(model, val_batches, feature, progress=progress,
+                             desc="validation scores")
+  return Probe(feature, sums, np.asarray(cosine_scores(jnp.asarray(feats), feature)), labels,
+               val_scores, [float(auroc(s, val_labels)) for s in val_scores])
+
+
 def probe_feature(model: nnx.Module, probe_batches: Sequence[Batch], val_batches: Sequence[Batch],
                   val_labels: np.ndarray, *, progress: bool = True
                   ) -> tuple[np.ndarray, ClassSums, list[float], np.ndarray]:
   """All-layer R [L+1,D] from the probe set, its sums, its per-layer AUROC on the validation set
   and the validation scores [L+1,N] behind them."""
-  feature, sums = compute_refusal_feature(model, probe_batches, progress=progress)
-  scores = score_batches(model, val_batches, feature, progress=progress, desc="validation scores")
-  return np.asarray(feature), sums, [float(auroc(s, val_labels)) for s in scores], scores
+  p = probe(model, probe_batches, val_batches, val_labels, progress=progress)
+  return p.feature, p.sums, p.layer_auroc, p.val_scores
 
 
 def model_hash(model: nnx.Module) -> str:
@@ -201,4 +249,4 @@ def model_hash(model: nnx.Module) -> str:
 
 __all__ = ["last_token_features", "batch_features", "accumulate_batch", "batch_scores",
            "accumulate_class_sums", "compute_refusal_feature", "extract_features",
-           "score_batches", "probe_feature", "model_hash", "BATCH_KEYS"]
+           "score_batches", "Probe", "probe", "probe_feature", "model_hash", "BATCH_KEYS"]

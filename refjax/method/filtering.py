@@ -29,7 +29,7 @@ DEFAULT_TARGET_RECALL = 0.95  # the paper tunes for harmful recall; our default 
 def score_prompts(model: nnx.Module, examples: Sequence[Any], prompt_format: PromptFormat,
                   layer: int, feature: np.ndarray | jax.Array, *, batch_size: int = 16,
                   max_len: int = 512, buckets: Sequence[int] = BUCKETS,
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, share_prefix: bool = False) -> np.ndarray:
   """Cosine [N] of each example's prompt feature at `layer` with the refusal feature.
 
   `feature` is either the direction [D] or the whole artifact [L+1,D] (row `layer` is used).
@@ -45,7 +45,7 @@ def score_prompts(model: nnx.Module, examples: Sequence[Any], prompt_format: Pro
   if feature.ndim != 1:
     raise ValueError(f"feature has shape {feature.shape}; expected [D] or [L+1, D]")
   batches = prompt_batches(examples, prompt_format, batch_size=batch_size, max_len=max_len,
-                           buckets=buckets)
+                           buckets=buckets, share_prefix=share_prefix)
   scores = score_batches(model, batches, feature[None], layers=(layer,), progress=progress,
                          desc="filter scores")
   return scores[0]

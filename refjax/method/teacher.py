@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from refjax.method.features import compute_refusal_feature, score_batches
+from refjax.method.features import Probe, probe
 from refjax.method.losses import cosine_regulariser, mean_cross_entropy, safe_mean
-from refjax.method.refusal import auroc, cosine_scores
+from refjax.method.refusal import cosine_scores
 from refjax.training.loop import HookResult, StepHook
 
 FEATURE = "refusal_feature"  # the step input the loss reads and the hook replaces
@@ -50,38 +50,42 @@ def teacher_loss_fn(layer: int, reg_weight: float, reg_form: str = "one_minus_co
   return loss_fn
 
 
+def update_record(step: int, p: Probe, layer: int) -> dict:
+  """What one refusal update logs: the probe prompts' mean cosine per class, the validation AUROC
+  and the norm of R_l, at `layer`."""
+  scores = p.probe_scores[layer]
+  return {"step": step,
+          "probe_cos_harmful": float(scores[p.probe_labels == 1].mean()),
+          "probe_cos_harmless": float(scores[p.probe_labels == 0].mean()),
+          "val_auroc": float(p.layer_auroc[layer]),
+          "feature_norm": float(np.linalg.norm(p.feature[layer]))}
+
+
 def refusal_update_hook(graphdef: nnx.GraphDef, layer: int, probe_batches: Sequence[dict],
                         val_batches: Sequence[dict], val_labels: np.ndarray, every: int,
-                        on_update: Callable[[dict], None] | None = None) -> StepHook:
+                        on_update: Callable[[dict], None] | None = None,
+                        start: Probe | None = None) -> StepHook:
   """Every `every` steps: R_l from the probe set with the current parameters (no gradient).
 
   Logs the probe-set harmful/harmless cosine means and the AUROC of R_l on the validation prompts;
   hands each update's record to `on_update` (the stage keeps the history across resumes).
+  `start`: the stage's own probe of the start model, which is step 0's (not computed twice).
   """
 
   def fn(step: int, state, extras) -> HookResult:
-    model = nnx.merge(graphdef, state.params, state.frozen)
-    # All layers (layers=None), then row `layer`: the same jitted functions and shapes as the
-    # stage's own probe_feature, so the hook compiles nothing new (each compile of a full forward
-    # pass costs XLA:CPU hundreds of MB that the allocator keeps; research-filter saw the teacher
-    # process grow to 12-15 GB RSS).
-    everything, _ = compute_refusal_feature(model, probe_batches, progress=False)
-    feature = everything[layer:layer + 1]
-    probe_scores = score_batches(model, probe_batches, everything, progress=False)[layer]
-    probe_labels = np.concatenate([b["harmful"][b["valid"].astype(bool)] for b in probe_batches])
-    order = np.concatenate([b["index"][b["valid"].astype(bool)] for b in probe_batches])
-    probe_labels = probe_labels[np.argsort(order, kind="stable")]
-    val_scores = score_batches(model, val_batches, everything, progress=False)[layer]
-    rec = {
-        "step": step,
-        "probe_cos_harmful": float(probe_scores[probe_labels == 1].mean()),
-        "probe_cos_harmless": float(probe_scores[probe_labels == 0].mean()),
-        "val_auroc": float(auroc(val_scores, val_labels)),
-        "feature_norm": float(jnp.linalg.norm(feature[0])),
-    }
+    if step == 0 and start is not None:
+      p = start
+    else:
+      # All layers, then row `layer`: the same jitted functions and shapes as the stage's own
+      # probe, so the hook compiles nothing new (each compile of a full forward pass costs
+      # XLA:CPU hundreds of MB that the allocator keeps; research-filter saw the teacher process
+      # grow to 12-15 GB RSS).
+      p = probe(nnx.merge(graphdef, state.params, state.frozen), probe_batches, val_batches,
+                val_labels, progress=False)
+    rec = update_record(step, p, layer)
     if on_update is not None:
       on_update(rec)
-    return HookResult(extras={FEATURE: feature[0]},
+    return HookResult(extras={FEATURE: jnp.asarray(p.feature[layer])},
                       metrics={k: v for k, v in rec.items() if k != "step"})
 
   return StepHook(every=every, fn=fn, name="refusal")
@@ -92,4 +96,5 @@ def feature_placeholder(model: Any) -> jax.Array:
   return jnp.zeros((model.cfg.hidden_size,), jnp.float32)
 
 
-__all__ = ["teacher_loss_fn", "refusal_update_hook", "feature_placeholder", "FEATURE"]
+__all__ = ["teacher_loss_fn", "update_record", "refusal_update_hook", "feature_placeholder",
+           "FEATURE"]

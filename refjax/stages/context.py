@@ -102,7 +102,8 @@ class Run:
     """Fixed-shape prompt batches (and their harmful/harmless labels) at prompt.max_prompt_len."""
     labels = harmful_labels(examples) if labelled else None
     return prompt_batches(examples, fmt, batch_size=batch_size,
-                          max_len=self.cfg.prompt.max_prompt_len, labels=labels), labels
+                          max_len=self.cfg.prompt.max_prompt_len, labels=labels,
+                          share_prefix=bool(self.cfg.prompt.share_prefix)), labels
 
   @staticmethod
   def export(model: Any, tokenizer: Any, out: Path) -> Path:

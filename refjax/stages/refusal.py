@@ -40,7 +40,8 @@ def run(r: Run) -> dict:
 
   ood = r.sets.ood()
   ood_b, ood_labels = r.prompt_batches(ood, fmt, bs)
-  ood_auroc = {tag: float(auroc(scores(m, f, ood_b), ood_labels)) for tag, m, f in models}
+  ood_scores = {tag: scores(m, f, ood_b) for tag, m, f in models}
+  ood_auroc = {tag: float(auroc(s, ood_labels)) for tag, s in ood_scores.items()}
   summary = {"layer": layer, "auroc_base": before, "auroc_teacher": layer_auroc[layer],
              "separation_base": base_art.meta.get("layer_separation", [None] * (layer + 1))[layer],
              "separation_teacher": float(separation(val_scores, val_labels)[layer]),
@@ -49,13 +50,16 @@ def run(r: Run) -> dict:
              "layer_auroc_base": base_art.meta["layer_auroc"], "layer_auroc_teacher": layer_auroc}
   write_json(wd.auroc, summary)
 
-  # Cosine scores per prompt set under the teacher and the base model (paper figs. A3/A4).
-  sets = {"harmful": [e for e in val if e.label == "harmful"],
-          "harmless": [e for e in val if e.label == "harmless"],
-          cfg.data.task: r.sets.task_test(cfg.refusal.n_val),
-          f"harmful ({cfg.refusal.ood_harmful})": [e for e in ood if e.label == "harmful"]}
-  batches = {name: r.prompt_batches(exs, fmt, bs, labelled=False)[0] for name, exs in sets.items()}
-  cos = {f"{tag}/{name}": scores(m, f, batches[name]) for tag, m, f in models for name in sets}
+  # Cosine scores per prompt set under the teacher and the base model (paper figs. A3/A4): the
+  # validation and OOD prompts' are the scores above, split by label (each prompt is run once).
+  val_by = {"teacher": val_scores[layer], "base": scores(base, base_art.feature, val_b)}
+  task_b = r.prompt_batches(r.sets.task_test(cfg.refusal.n_val), fmt, bs, labelled=False)[0]
+  cos = {}
+  for tag, m, f in models:
+    cos.update({f"{tag}/harmful": val_by[tag][val_labels == 1],
+                f"{tag}/harmless": val_by[tag][val_labels == 0],
+                f"{tag}/{cfg.data.task}": scores(m, f, task_b),
+                f"{tag}/harmful ({cfg.refusal.ood_harmful})": ood_scores[tag][ood_labels == 1]})
   write_npz(wd.cosine_sets, **cos)
   log.info("refusal AUROC at layer %d: base %.4f -> teacher %.4f", layer, before,
            layer_auroc[layer])

@@ -93,7 +93,8 @@ class Scorer:
     if self.kind == "cosine":
       return score_prompts(self.teacher, examples, self.fmt, self.layer, self.art.feature,
                            batch_size=self.r.cfg.filter.batch_size,
-                           max_len=self.r.cfg.prompt.max_prompt_len, progress=False)
+                           max_len=self.r.cfg.prompt.max_prompt_len, progress=False,
+                           share_prefix=bool(self.r.cfg.prompt.share_prefix))
     fitted, x = self._load(), self.features(examples)
     return logistic_scores(fitted, x) if self.kind == "logistic" else max_cosine(x, fitted)
 

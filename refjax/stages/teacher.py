@@ -10,7 +10,7 @@ import dataclasses
 import logging
 
 from refjax.files import read_jsonl, write_json, write_jsonl
-from refjax.method.features import model_hash, probe_feature
+from refjax.method.features import model_hash, probe
 from refjax.method.refusal import choose_layer, layer_window, separation
 from refjax.method.teacher import (FEATURE, feature_placeholder, refusal_update_hook,
                                    teacher_loss_fn)
@@ -28,7 +28,9 @@ def run(r: Run) -> dict:
   probe_b, _ = r.prompt_batches(r.sets.probe(), fmt, cfg.refusal.batch_size)
   val_b, val_labels = r.prompt_batches(r.sets.validation(), fmt, cfg.refusal.batch_size)
 
-  feature, sums, layer_auroc, val_scores = probe_feature(model, probe_b, val_b, val_labels)
+  start = probe(model, probe_b, val_b, val_labels)
+  feature, sums, layer_auroc, val_scores = (start.feature, start.sums, start.layer_auroc,
+                                            start.val_scores)
   layer_sep = separation(val_scores, val_labels)
   window = layer_window(tuple(cfg.refusal.layer_range), len(layer_auroc))
   layer = (int(cfg.refusal.layer) if cfg.refusal.layer >= 0
@@ -55,7 +57,7 @@ def run(r: Run) -> dict:
     write_jsonl(history, [row for row in rows if row["step"] < rec["step"]] + [rec])
 
   hook = refusal_update_hook(train_graphdef(model), layer, probe_b, val_b, val_labels,
-                             int(tc.refusal_update_every), keep)
+                             int(tc.refusal_update_every), keep, start=start)
   loss_fn = teacher_loss_fn(layer, float(tc.reg_weight), tc.reg_form, float(tc.reg_margin))
   trained, result = fit(tc, wd.teacher, model, loss_fn, data, batch_sh, r.plan,
                         extras={FEATURE: feature_placeholder(model)},
