@@ -3,7 +3,8 @@ labelled prompt set, every prompt's cosine score, and raw features.
 
 Batches are fixed-shape (`refjax.data.batches.prompt_batches`: padding rows carry `valid = 0`), the
 model goes into jit as (graphdef, state), and sums are fp32, so one compile per length bucket
-serves every batch and sharded states and batches just work.
+serves every batch and sharded states and batches just work. A batch with `prefix` (the leading
+tokens all its prompts share) runs those once and every row continues from their keys/values.
 """
 
 from __future__ import annotations
