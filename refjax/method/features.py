@@ -131,11 +131,16 @@ def compute_refusal_feature(model: nnx.Module, batches: Iterable[Batch], *,
                             ) -> tuple[jax.Array, ClassSums]:
   """Refusal feature [L',D] (default all L+1 layers) and the sums behind it; an empty class raises."""
   sums = accumulate_class_sums(model, batches, layers=layers, progress=progress)
+  return _feature_of(sums), sums
+
+
+def _feature_of(sums: ClassSums) -> jax.Array:
+  """R from the class sums; an empty class raises."""
   n_h, n_n = int(sums.n_harmful), int(sums.n_harmless)
   if n_h == 0 or n_n == 0:
     raise ValueError(f"refusal feature needs both classes; got {n_h} harmful and {n_n} harmless "
                      "valid prompts")
-  return refusal_feature(sums), sums
+  return refusal_feature(sums)
 
 
 def _gather_rows(per_batch: list[tuple[np.ndarray, np.ndarray]], axis: int) -> np.ndarray:
@@ -212,15 +217,14 @@ def probe(model: nnx.Module, probe_batches: Sequence[Batch], val_batches: Sequen
   """One pass over the probe prompts (R and their own cosines from the same features) and one over
   the validation prompts, every layer."""
   feats = extract_features(model, probe_batches, progress=progress, desc="refusal feature")
-  labels = np.concatenate([b["harmful"][np.asarray(b["valid"]).astype(bool)]
-                           for b in probe_batches])
-  order = np.concatenate([b["index"][np.asarray(b["valid"]).astype(bool)] for b in probe_batches])
-  labels = labels[np.argsort(order, kind="stable")]
+  rows, seen = [], 0  # labels gathered in the features' example order
+  for b in probe_batches:
+    valid, idx = _row_index(b, seen)
+    seen += len(idx)
+    rows.append((np.asarray(b["harmful"])[valid], idx))
+  labels = _gather_rows(rows, axis=0)
   sums = class_sums(jnp.asarray(feats), jnp.ones(len(labels)), jnp.asarray(labels))
-  if int(sums.n_harmful) == 0 or int(sums.n_harmless) == 0:
-    raise ValueError(f"refusal feature needs both classes; got {int(sums.n_harmful)} harmful and "
-                     f"{int(sums.n_harmless)} harmless valid prompts")
-  feature = np.asarray(refusal_feature(sums))
+  feature = np.asarray(_feature_of(sums))
   val_scores = score_batches(model, val_batches, feature, progress=progress,
                              desc="validation scores")
   return Probe(feature, sums, np.asarray(cosine_scores(jnp.asarray(feats), feature)), labels,
