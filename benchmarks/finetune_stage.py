@@ -230,7 +230,7 @@ def step_ratio(args, lora: bool) -> dict:
   batch = {**arrays(user), **{ALIGN + k: v for k, v in arrays(align).items()}}
   bsh = parallel.batch_shardings(batch, plan.mesh, plan.rules)
   batch = parallel.host_to_global(batch, bsh, {k: len(v) for k, v in batch.items()})
-  from refjax.stages.finetune import logit_slots, target_counts
+  from refjax.method.losses import logit_slots, target_counts
   slots = {p: logit_slots(target_counts({"loss_mask": g["loss_mask"], "weights": g["weights"]}),
                           len(g["tokens"]), args.max_len)
            for p, g in (("", arrays(user)), (ALIGN, arrays(align)))}

@@ -72,7 +72,7 @@ def get_config(arg=None):
                           "down_proj")
   c.finetune.update(epochs=1.0, align_ratio=1 / 3, max_len=256, pack_len=256, kd_topk=32,
                     lora_rank=8, share_prefix=True)
-  c.finetune.train.update(batch_size=6, log_every=2, checkpoint_every=10, max_to_keep=1)
+  c.finetune.train.update(batch_size=6, log_every=2, checkpoint_every=20, max_to_keep=1)
   c.finetune.optim.update(lr=1e-3, warmup_steps=3)
   if a["full"]:
     c.finetune.lora_rank = 0

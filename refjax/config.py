@@ -140,6 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
       reg_form="one_minus_cos",  # refjax.method.losses.REG_FORMS
       reg_margin=0.5,  # margin form only
       refusal_update_every=20,  # steps between refusal-feature recomputations (dynamic update)
+      target_logits=0.0,  # LM head only at response positions: as finetune.target_logits
   ))
   c.teacher.train = train_config(steps=200, batch_size=8)
   c.teacher.optim = optim_config(lr=2e-5)
@@ -280,7 +281,7 @@ _RULES = {
     "finetune.align_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "eval.judge": _choice(JUDGES),
     "finetune.kd_topk": _at_least(0), "finetune.epochs": _at_least(0),
     "finetune.max_len": _at_least(8), "finetune.pack_len": _at_least(8),
-    "finetune.target_logits": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    **{f"{s}.target_logits": (lambda v: 0 <= v <= 1, "in [0, 1]") for s in ("teacher", "finetune")},
     "generate.max_new_tokens": _at_least(1), "generate.temperature": _at_least(0),
     "judge.layers": (lambda v: len(v) >= 1 and all(int(x) >= 1 for x in v),
                      "one or more hidden-state indices >= 1"),

@@ -139,6 +139,31 @@ def test_generator_text_round_trip_and_order():
   assert gen.generate_text(prompts[::-1], SamplingConfig(max_new_tokens=5)) == out[::-1]
 
 
+def test_shared_prefix_runs_once_and_gives_the_same_tokens(monkeypatch):
+  """With share_prefix, the tokens every prompt shares run once per batch (`decode(prefix=)`) and
+  each row continues from them: the same greedy tokens as the whole prompts, over two batches of
+  left-padded rows of different lengths."""
+  from refjax.evaluation import generation
+  from refjax.models.tiny import tiny_model
+  model, tok = tiny_model(0), byte_tokenizer()
+  fmt = PromptFormat(tok, PromptConfig())
+  common = [5, 17, 42, 42, 9, 3, 77, 12]
+  prompts = [common + tail for tail in ([1], [2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12, 13])]
+  # sampled at temperature 1 with one seed: the tokens follow the whole distribution, so a row
+  # that saw other context (or none of the prefix) would draw other tokens
+  sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+  whole = Generator(model, fmt, batch_size=2).generate_ids(prompts, sampling)
+  seen = []
+  real = generation.decode
+  monkeypatch.setattr(generation, "decode", lambda *a, **kw: seen.append(
+      (int(a[3].sum(1).max()), None if kw["prefix"] is None else kw["prefix"].tolist()))
+      or real(*a, **kw))
+  shared = Generator(model, fmt, batch_size=2, share_prefix=True).generate_ids(prompts, sampling)
+  assert [p for _, p in seen] == [common, common]
+  assert max(n for n, _ in seen) == 6  # the rows hold only what follows the prefix
+  assert shared == whole and all(len(o) > 0 for o in whole)
+
+
 def test_batches_sort_by_length_and_split_evenly():
   lengths = [70, 52, 103, 60, 81] * 20  # 100 prompts
   chunks = batches(lengths, 32)

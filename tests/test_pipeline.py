@@ -86,6 +86,36 @@ def test_distillation_and_reports(tiny_workdir):
   assert "| reft |" in (wd / "report.md").read_text()
 
 
+def test_distill_targets_are_the_teachers_top_k_at_every_response_position(tiny_workdir):
+  """distill/targets.npz holds, for each drawn example, the teacher's top-k at exactly the
+  positions that predict a response token, equal to the top-k of its logits everywhere."""
+  import jax.numpy as jnp
+
+  from refjax.files import read_npz
+  from refjax.method.losses import topk_targets
+  from refjax.stages.alignment_rows import drawn_alignment
+  from refjax.stages.context import Run
+  from refjax.stages.distill import target_positions
+  from refjax.stages.workdir import Workdir
+
+  wd, cfg, _ = tiny_workdir
+  r = Run(cfg, Workdir(wd))
+  teacher, _, fmt = r.load(r.wd.teacher_model)
+  _, enc, _ = drawn_alignment(r, fmt)
+  z = read_npz(r.wd.distill_targets)
+  assert len(z["example_ids"]) == len(enc) > 0
+  k, temperature = int(cfg.finetune.kd_topk), float(cfg.finetune.kd_temperature)
+  for n in sorted({0, len(enc) // 2, len(enc) - 1}):
+    a, b = z["offsets"][n], z["offsets"][n + 1]
+    pos = target_positions(enc[n])
+    np.testing.assert_array_equal(z["positions"][a:b], pos)
+    logits = teacher(jnp.asarray([enc[n].ids], jnp.int32)).logits[0, pos]
+    ids, logp, tail = (np.asarray(x) for x in topk_targets(logits, k, temperature))
+    np.testing.assert_allclose(z["logp"][a:b], logp, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z["tail"][a:b], tail, rtol=1e-4, atol=1e-5)
+    assert (z["ids"][a:b] == ids).mean() > 0.99  # ties in a tiny model's top-k may swap
+
+
 def test_rerun_skips_finished_stages(tiny_workdir):
   wd, cfg, _ = tiny_workdir
   before = (wd / "stages/teacher.done.json").stat().st_mtime

@@ -1,6 +1,7 @@
-"""Logits only at target positions (`finetune.target_logits` < 1) give the loss and gradients of
-logits everywhere, for every loss term, whether a batch's targets fit the gathered slots or not;
-the slots per step come from the rows' target counts."""
+"""Logits only at target positions (`finetune.target_logits`, `teacher.target_logits` < 1) give the
+loss and gradients of logits everywhere, for every student loss term and the teacher's loss,
+whether a batch's targets fit the gathered slots or not; the slots per step come from the rows'
+target counts."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 
 from refjax.method.losses import topk_targets
 from refjax.method.student import ALIGN, TARGETS, TEACHER, student_loss_fn
+from refjax.method.teacher import FEATURE, teacher_loss_fn
 from refjax.models.tiny import tiny_model
 
 
@@ -67,8 +69,26 @@ def test_target_logits_equal_logits_everywhere(kind, user_targets):
     assert float(sparse[1]["logits_everywhere/align"]) == 0.0  # 6 targets in 8 slots
 
 
+@pytest.mark.parametrize("targets", [5, 30])  # 16 slots of 4 x 8: fits / takes every position
+def test_teacher_target_logits_equal_logits_everywhere(targets):
+  rng = np.random.default_rng(targets)
+  model = tiny_model(0)
+  batch = _rows(rng, 4, 8, model.cfg.vocab_size, targets)
+  batch.update(last_prompt_index=jnp.asarray([2, 3, 1, 4], jnp.int32),
+               labels_sign=jnp.asarray([1.0, -1.0, 0.0, 1.0], jnp.float32))
+  extras = {FEATURE: jnp.asarray(rng.normal(size=model.cfg.hidden_size), jnp.float32)}
+  dense = _loss_and_grads(teacher_loss_fn(1, 0.5), model, batch, extras)
+  sparse = _loss_and_grads(teacher_loss_fn(1, 0.5, logit_slots=16), model, batch, extras)
+  np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5)
+  for k in dense[1]:
+    np.testing.assert_allclose(float(sparse[1][k]), float(dense[1][k]), rtol=1e-5, atol=1e-7,
+                               err_msg=k)
+  for g_s, g_d in zip(jax.tree.leaves(sparse[2]), jax.tree.leaves(dense[2])):
+    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_d), rtol=2e-4, atol=2e-6)
+
+
 def test_logit_slots_from_target_counts():
-  from refjax.stages.finetune import logit_slots, target_counts
+  from refjax.method.losses import logit_slots, target_counts
   rows = {"loss_mask": np.array([[0, 1, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1]], np.float32),
           "weights": np.array([1.0, 1.0, 0.0], np.float32)}
   np.testing.assert_array_equal(target_counts(rows), [2, 1, 0])  # the first token is no target

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from refjax.data.packing import shared_prompt_prefix
 from refjax.data.prompts import Encoded, PromptFormat, bucket_length, pad_batch
 from refjax.models.decode import SamplingConfig, decode, unstack
 from refjax.models.decoder import Decoder
@@ -28,12 +29,16 @@ class Generator:
   """
 
   def __init__(self, model: Decoder, prompt_format: PromptFormat, *, batch_size: int = 8,
-               max_prompt_len: int = 512):
+               max_prompt_len: int = 512, share_prefix: bool = False):
     self.graphdef, self.state = nnx.split(model)
     self.unstacked = unstack(self.graphdef, self.state)
     self.fmt = prompt_format
     self.batch_size = batch_size
     self.max_prompt_len = max_prompt_len
+    # the leading tokens every prompt of a call shares (a chat template's system turn) run once
+    # per batch, each row continuing from them (`decode(prefix=)`): the same answers, a shorter
+    # prefill (config.prompt.share_prefix)
+    self.share_prefix = share_prefix
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                    seed: int = 0, progress: bool = False) -> list[list[int]]:
@@ -43,13 +48,15 @@ class Generator:
     length bucket and no batch is mostly padding rows."""
     results: list[list[int]] = [[] for _ in prompts]
     rng = jax.random.key(seed)
-    chunks = batches([len(p) for p in prompts], self.batch_size)
+    cut = shared_prompt_prefix([_as_encoded(list(p)) for p in prompts]) if self.share_prefix else 0
+    prefix = jnp.asarray(list(prompts[0][:cut]), jnp.int32) if cut else None
+    chunks = batches([len(p) - cut for p in prompts], self.batch_size)
     rows = len(chunks[0]) if chunks else 0  # one batch shape: a shorter last batch is padded
     if progress:
       from tqdm import tqdm
       chunks = tqdm(chunks, desc="generate", unit="batch")
     for idx in chunks:
-      chunk = [list(prompts[i]) for i in idx]
+      chunk = [list(prompts[i])[cut:] for i in idx]
       length = bucket_length(max(len(p) for p in chunk))
       enc = [_as_encoded(p) for p in chunk]
       batch = pad_batch(enc, length, self.fmt.pad_id, side="left", batch_size=rows)
@@ -57,7 +64,7 @@ class Generator:
       buf, lengths = decode(self.graphdef, self.state, jnp.asarray(batch["tokens"]),
                             jnp.asarray(batch["attention_mask"]), sub, sampling=sampling,
                             stop_ids=self.fmt.eos_ids, pad_id=self.fmt.pad_id,
-                            unstacked=self.unstacked)
+                            unstacked=self.unstacked, prefix=prefix)
       buf, lengths = np.asarray(buf), np.asarray(lengths)
       for row, i in enumerate(idx):
         ids = buf[row, :lengths[row]].tolist()

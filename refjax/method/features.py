@@ -20,22 +20,12 @@ import numpy as np
 from flax import nnx
 
 from refjax.method.refusal import ClassSums, auroc, class_sums, cosine_scores, refusal_feature
-from refjax.models.decoder import KVCache
+from refjax.models.decode import prefix_cache
 
 BATCH_KEYS = ("tokens", "attention_mask", "last_prompt_index", "valid")
 OPTIONAL_KEYS = ("prefix",)  # the prompts' shared leading tokens, run once per batch
 
 Batch = Mapping[str, np.ndarray | jax.Array]
-
-
-def prefix_cache(model: nnx.Module, prefix: jax.Array, batch: int, length: int) -> KVCache:
-  """The keys/values of `prefix` [P] (run once) for `batch` rows, with room for `length` more
-  tokens: rows that continue from it see exactly what they would with the prefix in every row."""
-  p = prefix.shape[0]
-  out = model(prefix[None], cache=KVCache.zeros(model.cfg, 1, p + length), return_logits=False)
-  c = out.cache
-  rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (batch,) + a.shape[2:])
-  return KVCache(rows(c.k), rows(c.v), jnp.broadcast_to(c.mask, (batch, p + length)), c.index)
 
 
 def last_token_features(model: nnx.Module, tokens: jax.Array, attention_mask: jax.Array,

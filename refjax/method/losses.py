@@ -1,5 +1,6 @@
 """The method's losses, pure jnp in fp32: token cross-entropy, the one safe weighted mean, the
-teacher's cosine regulariser and the student's distillation KL.
+teacher's cosine regulariser and the student's distillation KL; and, on the host, how many logit
+slots a step's targets need (`logit_slots`, read by `sum_at_targets`).
 
 Every loss returns a scalar; a "safe" mean divides by max(sum of weights, TINY), so an all-padding
 (all-zero-weight) batch gives 0 rather than NaN.
@@ -7,10 +8,12 @@ Every loss returns a scalar; a "safe" mean divides by max(sum of weights, TINY),
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from refjax.method.refusal import COSINE_EPS, cosine_scores
@@ -91,6 +94,25 @@ def sum_at_targets(hidden: jax.Array, weights: jax.Array, per_position: Callable
 
   fits = count <= capacity
   return jax.lax.cond(fits, gathered, every), 1.0 - fits.astype(jnp.float32)
+
+
+def logit_slots(target_counts: np.ndarray, rows: int, length: int, share: float = 0.0) -> int:
+  """Logit slots for a step of `rows` rows of `length` tokens: `share` of its positions, or with
+  share 0 enough for a step of rows drawn at random from rows with `target_counts` targets each
+  (mean + 3 standard deviations of the sum, up to a multiple of 64). At most rows · length."""
+  every = rows * length
+  if share > 0:
+    return max(1, min(every, math.ceil(share * every)))
+  counts = np.asarray(target_counts, np.float64)
+  if counts.size == 0:
+    return every
+  need = rows * counts.mean() + 3.0 * math.sqrt(rows) * counts.std()
+  return int(max(64, min(every, 64 * math.ceil(need / 64))))
+
+
+def target_counts(rows: dict[str, np.ndarray]) -> np.ndarray:
+  """Per row: the positions a loss reads (a nonzero loss_mask on the next token)."""
+  return np.count_nonzero(rows["loss_mask"][:, 1:] * rows["weights"][:, None], axis=1)
 
 
 def mean_cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
@@ -214,6 +236,7 @@ def kd_exact_kl(student_logits: jax.Array, teacher_logits: jax.Array, *,
 
 
 __all__ = ["safe_mean", "token_cross_entropy", "shifted_targets", "nll_from_logits",
-           "sum_at_targets", "kd_topk_kl", "kd_exact_kl", "target_weights", "mean_cross_entropy",
-           "causal_lm_loss", "cosine_regulariser", "kd_loss", "topk_targets", "kd_topk_loss",
+           "sum_at_targets", "logit_slots", "target_counts", "kd_topk_kl", "kd_exact_kl",
+           "target_weights", "mean_cross_entropy", "causal_lm_loss", "cosine_regulariser",
+           "kd_loss", "topk_targets", "kd_topk_loss",
            "REG_FORMS", "KD_DIRECTIONS", "DEFAULT_MARGIN", "TINY"]

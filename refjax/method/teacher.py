@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from refjax.method.features import Probe, probe
-from refjax.method.losses import cosine_regulariser, mean_cross_entropy, safe_mean
+from refjax.method.losses import (TINY, cosine_regulariser, mean_cross_entropy, nll_from_logits,
+                                  safe_mean, shifted_targets, sum_at_targets, target_weights)
 from refjax.method.refusal import cosine_scores
 from refjax.training.loop import HookResult, StepHook
 
@@ -24,20 +25,34 @@ FEATURE = "refusal_feature"  # the step input the loss reads and the hook replac
 
 
 def teacher_loss_fn(layer: int, reg_weight: float, reg_form: str = "one_minus_cos",
-                    margin: float = 0.5):
+                    margin: float = 0.5, logit_slots: int | None = None):
   """loss_fn(model, batch, rng, extras) for the shared train step; extras[FEATURE] is R_l [D].
 
   Batch: tokens, attention_mask, loss_mask, weights, last_prompt_index [B], labels_sign [B]
   (+1 harmful, -1 harmless, 0 = no regulariser for this row). The features come from the same
   forward pass as the logits (hidden state after block `layer` at the last prompt token).
+  `logit_slots`: the LM head runs only at the response positions, gathered into that many slots
+  (`losses.sum_at_targets`; a step with more targets takes every position); None = everywhere.
+  Both give the same loss.
   """
+
+  def cross_entropy(model, out, batch):
+    if logit_slots is None:
+      return mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"],
+                                batch["weights"])[0]
+    w = target_weights(batch["loss_mask"], batch["weights"])
+    targets = shifted_targets(batch["tokens"]).reshape(-1)
+    total, _ = sum_at_targets(out.final, w,
+                              lambda h, i: nll_from_logits(model.logits(h), targets[i]),
+                              logit_slots)
+    return total / jnp.maximum(jnp.sum(w), TINY)
 
   def loss_fn(model, batch, rng, extras):
     del rng
     feature = extras[FEATURE]
     out = model(batch["tokens"], batch["attention_mask"],
-                hidden_positions=batch["last_prompt_index"])
-    ce, _ = mean_cross_entropy(out.logits, batch["tokens"], batch["loss_mask"], batch["weights"])
+                hidden_positions=batch["last_prompt_index"], return_logits=logit_slots is None)
+    ce = cross_entropy(model, out, batch)
     feats = out.hidden[layer].astype(jnp.float32)
     sign = batch["labels_sign"]
     w = batch["weights"].astype(jnp.float32) * (sign != 0)

@@ -43,11 +43,25 @@ def _pick(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Ar
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def prefix_cache(model: nnx.Module, prefix: jax.Array, batch: int, length: int) -> KVCache:
+  """The keys/values of `prefix` [P] (run once) for `batch` rows, with room for `length` more
+  tokens: rows that continue from it see exactly what they would with the prefix in every row."""
+  p = prefix.shape[0]
+  out = model(prefix[None], cache=KVCache.zeros(model.cfg, 1, p + length), return_logits=False)
+  c = out.cache
+  rows = lambda a: jnp.broadcast_to(a, a.shape[:1] + (batch,) + a.shape[2:])
+  return KVCache(rows(c.k), rows(c.v), jnp.broadcast_to(c.mask, (batch, p + length)), c.index)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "stop_ids", "pad_id"))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: jax.Array,
            rng: jax.Array, *, sampling: SamplingConfig, stop_ids: tuple[int, ...],
-           pad_id: int, unstacked: Unstacked | None = None) -> tuple[jax.Array, jax.Array]:
+           pad_id: int, unstacked: Unstacked | None = None,
+           prefix: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Left-padded prompts tokens/mask [B,P] -> new tokens [B,N] (pad after stop) and lengths [B].
+
+  `prefix` [P0]: leading tokens every prompt shares, cut from `tokens` and run once (batch 1);
+  each row continues from their keys/values, as if they led its prompt.
 
   The stop token itself is kept in the output and counted in the length. The decode loop runs
   the layers unrolled from `unstacked` (see `unstack`); without it they are sliced here, once
@@ -56,7 +70,8 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: ja
   model: Decoder = nnx.merge(graphdef, state)
   b, p = tokens.shape
   n = sampling.max_new_tokens
-  cache = KVCache.zeros(model.cfg, b, p + n)
+  cache = (KVCache.zeros(model.cfg, b, p + n) if prefix is None
+           else prefix_cache(model, prefix, b, p + n))
   # Prefill: logits only at the last prompt slot (the head over every slot would cost ~20% more).
   out = model(tokens, mask, cache=cache, return_logits=False,
               hidden_positions=jnp.full((b,), p - 1, jnp.int32))
@@ -96,4 +111,4 @@ def unstack(graphdef: nnx.GraphDef, state: nnx.State) -> Unstacked:
   return nnx.merge(graphdef, state).unstack()
 
 
-__all__ = ["SamplingConfig", "decode", "unstack"]
+__all__ = ["SamplingConfig", "decode", "prefix_cache", "unstack"]

@@ -74,7 +74,8 @@ def evaluate_model(r: Run, path: str | None, judge: Judge) -> dict:
   """HS on the harmful test prompts and FA on the task's test split for one model."""
   ec = r.cfg.eval
   model, _, fmt = r.load(path)
-  gen = Generator(model, fmt, batch_size=ec.batch_size, max_prompt_len=r.cfg.prompt.max_prompt_len)
+  gen = Generator(model, fmt, batch_size=ec.batch_size, max_prompt_len=r.cfg.prompt.max_prompt_len,
+                  share_prefix=bool(r.cfg.prompt.share_prefix))
   hs_ex = load_source(ec.hs_source, limit=ec.hs_n)
   if getattr(judge, "trained_prompts", None) is not None:  # a trained judge never saw them
     assert_unseen(judge.trained_prompts, [e.instruction for e in hs_ex], [e.id for e in hs_ex],

@@ -9,7 +9,6 @@ methods/<method>/model/ and finetune.json.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from flax import nnx
 
 from refjax.data.packing import Packed, pack
 from refjax.files import read_jsonl, write_json
-from refjax.method.losses import causal_lm_loss
+from refjax.method.losses import causal_lm_loss, logit_slots, target_counts
 from refjax.method.student import ALIGN, METHODS, TEACHER, student_loss_fn
 from refjax.models.loading import param_shardings
 from refjax.stages.alignment_rows import (align_rows_per_step, drawn_alignment, encode_alignment,
@@ -122,25 +121,6 @@ def finetune(r: Run, name: str) -> dict:
   write_json(wd.method_summary(name), summary)
   r.drop_checkpoints(out, fc.train.keep_checkpoints)  # last: a kill here loses nothing
   return summary
-
-
-def logit_slots(target_counts: np.ndarray, rows: int, length: int, share: float = 0.0) -> int:
-  """Logit slots for a step of `rows` rows of `length` tokens: `share` of its positions, or with
-  share 0 enough for a step of rows drawn at random from rows with `target_counts` targets each
-  (mean + 3 standard deviations of the sum, up to a multiple of 64). At most rows · length."""
-  every = rows * length
-  if share > 0:
-    return max(1, min(every, math.ceil(share * every)))
-  counts = np.asarray(target_counts, np.float64)
-  if counts.size == 0:
-    return every
-  need = rows * counts.mean() + 3.0 * math.sqrt(rows) * counts.std()
-  return int(max(64, min(every, 64 * math.ceil(need / 64))))
-
-
-def target_counts(rows: dict[str, np.ndarray]) -> np.ndarray:
-  """Per row: the positions a loss reads (a nonzero loss_mask on the next token)."""
-  return np.count_nonzero(rows["loss_mask"][:, 1:] * rows["weights"][:, None], axis=1)
 
 
 def _rows(packed: Packed) -> dict[str, np.ndarray]:

@@ -16,7 +16,8 @@ def run(r: Run) -> dict:
   gc = r.cfg.generate
   model, _, fmt = r.load()
   gen = Generator(model, fmt, batch_size=gc.batch_size,
-                  max_prompt_len=r.cfg.prompt.max_prompt_len)
+                  max_prompt_len=r.cfg.prompt.max_prompt_len,
+                  share_prefix=bool(r.cfg.prompt.share_prefix))
   prompts = list(gc.prompts)
   answers = gen.generate_text(prompts, SamplingConfig(max_new_tokens=gc.max_new_tokens,
                                                       temperature=gc.temperature),

@@ -11,6 +11,7 @@ import logging
 
 from refjax.files import read_jsonl, write_json, write_jsonl
 from refjax.method.features import model_hash, probe
+from refjax.method.losses import logit_slots, target_counts
 from refjax.method.refusal import choose_layer, layer_window, separation
 from refjax.method.teacher import (FEATURE, feature_placeholder, refusal_update_hook,
                                    teacher_loss_fn)
@@ -58,7 +59,14 @@ def run(r: Run) -> dict:
 
   hook = refusal_update_hook(train_graphdef(model), layer, probe_b, val_b, val_labels,
                              int(tc.refusal_update_every), keep, start=start)
-  loss_fn = teacher_loss_fn(layer, float(tc.reg_weight), tc.reg_form, float(tc.reg_margin))
+  slots = None
+  if float(tc.target_logits) < 1:
+    slots = logit_slots(target_counts(arrays), int(tc.train.batch_size),
+                        arrays["tokens"].shape[1], float(tc.target_logits))
+    log.info("teacher: logits at response positions only, %d slots per step of %d", slots,
+             int(tc.train.batch_size) * arrays["tokens"].shape[1])
+  loss_fn = teacher_loss_fn(layer, float(tc.reg_weight), tc.reg_form, float(tc.reg_margin),
+                            logit_slots=slots)
   trained, result = fit(tc, wd.teacher, model, loss_fn, data, batch_sh, r.plan,
                         extras={FEATURE: feature_placeholder(model)},
                         extra_shardings={FEATURE: r.plan.replicated},
@@ -70,5 +78,6 @@ def run(r: Run) -> dict:
   write_json(wd.alignment_set, {"report": dataclasses.asdict(r.sets.alignment_report()),
                                 "ids": [e.id for e in examples]})
   return {"layer": layer, "base_auroc": layer_auroc[layer], "steps": result.step,
+          "logit_slots": slots if slots is not None else "every position",
           "final_loss": result.metrics.get("loss"), "refusal_updates": len(updates),
           "n_alignment": len(examples)}

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 
 from refjax.files import jsonable, read_jsonl, write_json, write_jsonl
 from refjax.parallel.distributed import host_to_global
+from refjax.training import checkpoint
 from refjax.training.data import DataIterator
 from refjax.training.state import TrainState
 
@@ -232,19 +233,17 @@ def train(
           cleanup_tmp_directories=True, create=True))
   writer = MetricWriter(workdir, enabled=primary)
 
-  # ---- resume or start
+  # ---- resume or start (a built state's frozen weights stay out of its checkpoints)
+  given = None if callable(init_state) else init_state
+  sums = None
   resumed_from = manager.latest_step()
   if resumed_from is not None:
-    abstract_state = (jax.eval_shape(init_state) if callable(init_state)
-                      else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                        init_state))
-    target = {"train_state": _abstract(abstract_state, state_shardings),
-              "extras": _abstract({k: extras[k] for k in checkpoint_extras})}
-    restored = manager.restore(resumed_from, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    state = restored.state["train_state"]
-    extras.update(restored.state["extras"])
-    meta = restored.meta
+    abstract_state = (jax.eval_shape(init_state) if given is None
+                      else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), given))
+    state, restored_extras, meta = checkpoint.restore(
+        manager, resumed_from, _abstract(abstract_state, state_shardings), given,
+        _abstract({k: extras[k] for k in checkpoint_extras}))
+    extras.update(restored_extras)
     data.set_state(meta["data"])
     if meta.get("config") != config_dict:
       log.warning("resuming from step %d of a run whose saved config differs from this one",
@@ -252,16 +251,17 @@ def train(
     writer.truncate_after(resumed_from)
     log.info("resumed from %s at step %d", workdir / CHECKPOINT_DIR, resumed_from)
   else:
-    state = init_state() if callable(init_state) else init_state
+    state = init_state() if given is None else given
   step = int(jax.device_get(state.step))
   if resumed_from is not None and step != resumed_from:
     raise RuntimeError(f"checkpoint {resumed_from} holds state.step={step}; the files are corrupt")
+  if given is not None:
+    sums = checkpoint.frozen_sums(state)
 
   def save(at: int) -> None:
-    meta = {"step": at, "data": data.get_state(), "config": config_dict}
-    payload = {"train_state": state, "extras": {k: extras[k] for k in checkpoint_extras}}
-    manager.save(at, args=ocp.args.Composite(state=ocp.args.StandardSave(payload),
-                                             meta=ocp.args.JsonSave(meta)), force=True)
+    checkpoint.save(manager, at, state, {k: extras[k] for k in checkpoint_extras},
+                    {"step": at, "data": data.get_state(), "config": config_dict},
+                    with_frozen=given is None, sums=sums)
 
   from tqdm.auto import tqdm  # the bar is an edge concern: imported where it is drawn
   bar = tqdm(total=int(tc.steps), initial=step, disable=not (primary and tc.progress_bar),
