@@ -255,13 +255,15 @@ def train(
   step = int(jax.device_get(state.step))
   if resumed_from is not None and step != resumed_from:
     raise RuntimeError(f"checkpoint {resumed_from} holds state.step={step}; the files are corrupt")
-  if given is not None:
+  with_frozen = given is None
+  if not with_frozen:
     sums = checkpoint.frozen_sums(state)
+  del given  # a resumed run holds no reference to the state it was given
 
   def save(at: int) -> None:
     checkpoint.save(manager, at, state, {k: extras[k] for k in checkpoint_extras},
                     {"step": at, "data": data.get_state(), "config": config_dict},
-                    with_frozen=given is None, sums=sums)
+                    with_frozen=with_frozen, sums=sums)
 
   from tqdm.auto import tqdm  # the bar is an edge concern: imported where it is drawn
   bar = tqdm(total=int(tc.steps), initial=step, disable=not (primary and tc.progress_bar),
