@@ -35,6 +35,16 @@ def _loss_and_grads(loss_fn, model, batch, extras):
   return float(loss), aux, grads
 
 
+def _assert_same(sparse, dense):
+  """Loss, every aux metric and every gradient leaf of the two runs agree."""
+  np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5)
+  for k in dense[1]:
+    np.testing.assert_allclose(float(sparse[1][k]), float(dense[1][k]), rtol=1e-5, atol=1e-7,
+                               err_msg=k)
+  for g_s, g_d in zip(jax.tree.leaves(sparse[2]), jax.tree.leaves(dense[2])):
+    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_d), rtol=2e-4, atol=2e-6)
+
+
 @pytest.mark.parametrize("kind", ["ce", "kd_cached", "kd_exact"])
 @pytest.mark.parametrize("user_targets", [5, 30])  # 16 slots of 4 x 8: fits / takes every position
 def test_target_logits_equal_logits_everywhere(kind, user_targets):
@@ -57,12 +67,7 @@ def test_target_logits_equal_logits_everywhere(kind, user_targets):
   dense = _loss_and_grads(student_loss_fn(**kw), student, batch, extras)
   sparse = _loss_and_grads(student_loss_fn(**kw, logit_slots={"": 16, ALIGN: 8}), student, batch,
                            extras)
-  np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5)
-  for k in dense[1]:
-    np.testing.assert_allclose(float(sparse[1][k]), float(dense[1][k]), rtol=1e-5, atol=1e-7,
-                               err_msg=k)
-  for g_s, g_d in zip(jax.tree.leaves(sparse[2]), jax.tree.leaves(dense[2])):
-    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_d), rtol=2e-4, atol=2e-6)
+  _assert_same(sparse, dense)
   # 30 targets do not fit 16 slots: the batch takes every position (and says so)
   assert float(sparse[1]["logits_everywhere/user"]) == (1.0 if user_targets > 16 else 0.0)
   if kind != "ce":
@@ -79,12 +84,7 @@ def test_teacher_target_logits_equal_logits_everywhere(targets):
   extras = {FEATURE: jnp.asarray(rng.normal(size=model.cfg.hidden_size), jnp.float32)}
   dense = _loss_and_grads(teacher_loss_fn(1, 0.5), model, batch, extras)
   sparse = _loss_and_grads(teacher_loss_fn(1, 0.5, logit_slots=16), model, batch, extras)
-  np.testing.assert_allclose(sparse[0], dense[0], rtol=1e-5)
-  for k in dense[1]:
-    np.testing.assert_allclose(float(sparse[1][k]), float(dense[1][k]), rtol=1e-5, atol=1e-7,
-                               err_msg=k)
-  for g_s, g_d in zip(jax.tree.leaves(sparse[2]), jax.tree.leaves(dense[2])):
-    np.testing.assert_allclose(np.asarray(g_s), np.asarray(g_d), rtol=2e-4, atol=2e-6)
+  _assert_same(sparse, dense)
 
 
 def test_logit_slots_from_target_counts():
