@@ -141,8 +141,8 @@ def test_generator_text_round_trip_and_order():
 
 def test_shared_prefix_runs_once_and_gives_the_same_tokens(monkeypatch):
   """With share_prefix, the tokens every prompt shares run once per batch (`decode(prefix=)`) and
-  each row continues from them: the same greedy tokens as the whole prompts, over two batches of
-  left-padded rows of different lengths."""
+  each row continues from them: the same sampled tokens (one seed) as the whole prompts, over two
+  batches of left-padded rows of different lengths."""
   from refjax.evaluation import generation
   from refjax.models.tiny import tiny_model
   model, tok = tiny_model(0), byte_tokenizer()

@@ -10,6 +10,7 @@ is saved whole, so that a resume never builds one.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
@@ -19,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from refjax.training.state import TrainState
 
-FIELDS = ("step", "params", "frozen", "opt_state", "rng")  # a TrainState's, in order
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))
 SAVED = "train_state_keys"  # meta: the TrainState fields a checkpoint holds
 FROZEN_SUMS = "frozen_sums"  # meta: checksum of the frozen weights a checkpoint holds without
 CHECK_RTOL = 1e-5  # sums on another mesh add in another order
