@@ -25,6 +25,7 @@ from refjax.data.non_answers import NON_ANSWER_TYPES
 from refjax.data.records import DataError
 from refjax.data.teacher_mix import REFUSAL_TEMPLATES
 from refjax.evaluation.harmful_score import wilson
+from refjax.evaluation.judge_features import pair_batches, render_ids
 from refjax.evaluation.qa_judge import (Head, JudgeSpec, QAJudge, choose_threshold, goals_met,
                                         head_loss_fn, validation_figures)
 from refjax.files import read_json, read_jsonl
@@ -95,6 +96,25 @@ def test_head_saves_loads_and_scores(tmp_path):
   assert loaded.judge(["q"], ["a"]) == [bool(loaded.scores(["q"], ["a"])[0] > 0.4)]
   with pytest.raises(ValueError):
     loaded.scores(["one prompt"], ["two", "responses"])
+
+
+def test_packed_features_equal_each_pair_run_alone():
+  """Pairs packed several to a row (one segment each) give the features each pair gives in a row
+  of its own: its last token and its answer span's mean at every read layer."""
+  tok, backbone = byte_tokenizer(), tiny_model(seed=0)
+  s = spec(prompt_tokens=64, response_tokens=64, batch_size=2)  # rows of 224 bytes: 2 pairs
+  prompts = ["how?", "a longer question here", "why", "x", "and y?", "what is z"]
+  responses = ["like this", "", "no", "yes it is so", "b", "a much longer answer text"]
+  batches = pair_batches(tok, list(zip(prompts, responses)), s)
+  assert any(len(np.unique(row[row > 0])) >= 2 for b in batches for row in b["segments"])
+  got = QAJudge(s, backbone, tok, np.zeros(1), np.ones(1), None, 0.5).features(prompts, responses)
+  want = []
+  for p, r in zip(prompts, responses):
+    ids, a, e = render_ids(tok, p, r, s.prompt_tokens, s.response_tokens)
+    h = np.asarray(backbone(np.asarray([ids]), return_all_hidden=True,
+                            return_logits=False).all_hidden)[list(s.layers), 0]  # [L',T,D]
+    want.append(np.concatenate([h[:, -1].ravel(), h[:, a:e].mean(1).ravel()]))
+  np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-5)
 
 
 def test_a_tiny_judge_trained_with_the_project_trainer_separates_a_toy_set(tmp_path):
