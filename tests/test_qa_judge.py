@@ -25,7 +25,7 @@ from refjax.data.non_answers import NON_ANSWER_TYPES
 from refjax.data.records import DataError
 from refjax.data.teacher_mix import REFUSAL_TEMPLATES
 from refjax.evaluation.harmful_score import wilson
-from refjax.evaluation.judge_features import pair_batches, render_ids
+from refjax.evaluation.judge_features import pair_batches, prompt_chunks, render_ids
 from refjax.evaluation.qa_judge import (Head, JudgeSpec, QAJudge, choose_threshold, goals_met,
                                         head_loss_fn, validation_figures)
 from refjax.files import read_json, read_jsonl
@@ -99,14 +99,22 @@ def test_head_saves_loads_and_scores(tmp_path):
 
 
 def test_packed_features_equal_each_pair_run_alone():
-  """Pairs packed several to a row (one segment each) give the features each pair gives in a row
-  of its own: its last token and its answer span's mean at every read layer."""
+  """Pairs packed several to a row (one segment each; pairs that share a prompt after one copy of
+  it) give the features each pair gives in a row of its own: its last token and its answer span's
+  mean at every read layer."""
   tok, backbone = byte_tokenizer(), tiny_model(seed=0)
-  s = spec(prompt_tokens=64, response_tokens=64, batch_size=2)  # rows of 224 bytes: 2 pairs
-  prompts = ["how?", "a longer question here", "why", "x", "and y?", "what is z"]
-  responses = ["like this", "", "no", "yes it is so", "b", "a much longer answer text"]
+  s = spec(prompt_tokens=64, response_tokens=64, batch_size=2)  # rows of 224 bytes
+  prompts = ["how?", "a longer question here", "why", "x", "and y?", "what is z", "why", "why",
+             "a longer question here", "why"]
+  responses = ["like this", "", "no", "yes it is so", "b", "a much longer answer text", "ok",
+               "a third answer to why", "sure", "and a fifth one to the same question"]
   batches = pair_batches(tok, list(zip(prompts, responses)), s)
   assert any(len(np.unique(row[row > 0])) >= 2 for b in batches for row in b["segments"])
+  shared = [(seg != att).sum() for b in batches for seg, att in zip(b["segments"], b["attend"])]
+  tokens = sum(int(m.sum()) for b in batches for m, o in zip(b["mask"], b["owner"])
+               if (o >= 0).any())  # a short batch's repeated rows own no pair
+  alone = sum(len(render_ids(tok, p, r, 64, 64)[0]) for p, r in zip(prompts, responses))
+  assert max(shared) > 0 and tokens < alone  # some answers ride on a prompt held once
   got = QAJudge(s, backbone, tok, np.zeros(1), np.ones(1), None, 0.5).features(prompts, responses)
   want = []
   for p, r in zip(prompts, responses):
@@ -115,6 +123,13 @@ def test_packed_features_equal_each_pair_run_alone():
                             return_logits=False).all_hidden)[list(s.layers), 0]  # [L',T,D]
     want.append(np.concatenate([h[:, -1].ravel(), h[:, a:e].mean(1).ravel()]))
   np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_chunks_hold_each_prompt_once_up_to_the_row_width():
+  rendered = [([1, 2, 3, 9, 9], 3, 5), ([1, 2, 3, 8], 3, 4), ([4, 5], 1, 2),
+              ([1, 2, 3, 7, 7, 7], 3, 6)]
+  assert prompt_chunks(rendered, 8) == [([1, 2, 3], [0, 1]), ([1, 2, 3], [3]), ([4], [2])]
+  assert prompt_chunks(rendered, 12) == [([1, 2, 3], [0, 1, 3]), ([4], [2])]
 
 
 def test_a_tiny_judge_trained_with_the_project_trainer_separates_a_toy_set(tmp_path):

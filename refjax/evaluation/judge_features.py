@@ -1,10 +1,11 @@
 """The QA judge's backbone features: each (prompt, answer) pair rendered as one chat turn, the pairs
-packed into rows of a fixed width (one segment each: attention and positions never cross a pair),
-and per pair the hidden states of a few blocks at its last token and averaged over its answer.
+packed into rows of a fixed width, and per pair the hidden states of a few blocks at its last token
+and averaged over its answer.
 
-Packing first-fit-decreasing into one row shape replaces per-batch length buckets: the default
-judge's 4300 training pairs take 322,560 token slots (3.9% padding) instead of 374,528, and jit
-sees one shape instead of six. A pair computes what it computes alone in a row of its own.
+Pairs that share a prompt (the validation's ten answers per prompt) hold it once: the prompt is a
+segment of its own and each answer a segment that also sees it (`attend_to`), its positions
+continuing from the prompt's. Chunks are packed first-fit-decreasing into one row shape, so jit sees
+one shape. A pair computes what it computes alone in a row of its own.
 """
 
 from __future__ import annotations
@@ -50,27 +51,69 @@ def render_ids(tokenizer: Any, prompt: str, response: str, prompt_tokens: int,
 
 def row_shape(tokenizer: Any, prompt_tokens: int, response_tokens: int) -> tuple[int, int]:
   """(row width, most pairs a row can hold): the longest pair the template and the token caps
-  allow, rounded up to a multiple of 32, so every call compiles the same shape."""
-  fixed = sum(len(x) for x in _template(tokenizer))
-  width = 32 * math.ceil((fixed + prompt_tokens + response_tokens) / 32)
-  return width, width // max(fixed, 1)
+  allow, rounded up to a multiple of 32, so every call compiles the same shape; an answer after a
+  shared prompt takes at least the template's tail."""
+  head, mid, tail = _template(tokenizer)
+  width = 32 * math.ceil((len(head) + len(mid) + len(tail) + prompt_tokens + response_tokens) / 32)
+  return width, width // max(len(tail), 1)
+
+
+def prompt_chunks(rendered: Sequence[tuple[list[int], int, int]], width: int
+                  ) -> list[tuple[list[int], list[int]]]:
+  """(prompt ids, pair indices): the pairs grouped by their rendered prompt (every id before the
+  answer), each group cut into chunks of one prompt copy and as many answers as fit in `width`."""
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, (ids, a, _) in enumerate(rendered):
+    groups.setdefault(tuple(ids[:a]), []).append(i)
+  chunks = []
+  for head, members in groups.items():
+    cur, used = [], len(head)
+    for i in members:
+      n = len(rendered[i][0]) - len(head)
+      if cur and used + n > width:
+        chunks.append((list(head), cur))
+        cur, used = [], len(head)
+      cur.append(i)
+      used += n
+    chunks.append((list(head), cur))
+  return chunks
+
+
+def _chunk_example(head: list[int], members: list[int],
+                   rendered: Sequence[tuple[list[int], int, int]]):
+  """One chunk as one packable example: its prompt once, then each answer (the prompt's tokens
+  sub-segment 0, answer k sub-segment k; positions continue from the prompt in every answer)."""
+  ids, span, pair, sub, pos = list(head), [0] * len(head), [0] * len(head), [0] * len(head), \
+      list(range(len(head)))
+  for k, i in enumerate(members, start=1):
+    full, a, e = rendered[i]
+    rest = full[len(head):]
+    ids += rest
+    span += [int(a <= t < e) for t in range(len(head), len(full))]
+    pair += [i + 1] * len(rest)
+    sub += [k] * len(rest)
+    pos += list(range(len(head), len(full)))
+  extra = {"pair": np.asarray(pair), "sub": np.asarray(sub), "pos": np.asarray(pos)}
+  return Encoded(ids, len(head) - 1, span), extra
 
 
 def pair_batches(tokenizer: Any, pairs: Sequence[tuple[str, str]], spec: Any
                  ) -> list[dict[str, np.ndarray]]:
-  """The pairs packed into rows of `row_shape`, `spec.batch_size` rows a batch. Per batch:
-  tokens/mask/segments/positions [R,W]; `owner` [R,W] the slot of the pair whose answer span a
-  token is in (-1 elsewhere); per slot [K]: `index` (the pair, -1 = empty), `row`, `last` (its
-  last token)."""
+  """The pairs packed into rows of `row_shape`, `spec.batch_size` rows a batch, pairs that share a
+  prompt after one copy of it (`prompt_chunks`). Per batch: tokens/mask/segments/attend/positions
+  [R,W] (`attend`: the prompt segment an answer also sees); `owner` [R,W] the slot of the pair
+  whose answer span a token is in (-1 elsewhere); per slot [K]: `index` (the pair, -1 = empty),
+  `row`, `last` (its last token)."""
   rendered = [render_ids(tokenizer, p, r, spec.prompt_tokens, spec.response_tokens)
               for p, r in pairs]
   width, per_row = row_shape(tokenizer, spec.prompt_tokens, spec.response_tokens)
-  encoded = [Encoded(ids, a - 1, [int(a <= i < e) for i in range(len(ids))])
-             for ids, a, e in rendered]
-  packed = pack(encoded, [1.0] * len(encoded), width, 0,
-                extra={"pair": [np.full(len(ids), i + 1) for i, (ids, _, _) in
-                                enumerate(rendered)]})
+  made = [_chunk_example(h, m, rendered) for h, m in prompt_chunks(rendered, width)]
+  packed = pack([e for e, _ in made], [1.0] * len(made), width, 0,
+                extra={k: [x[k] for _, x in made] for k in ("pair", "sub", "pos")})
   a, rows = packed.arrays, spec.batch_size
+  span = per_row + 1  # sub-segments per chunk: the prompt and at most per_row answers
+  segments = a["segment_ids"] * span + a["sub"]  # 0 on padding
+  attend = a["segment_ids"] * span  # each token's chunk prompt
   batches = []
   for s in range(0, packed.rows, rows):
     real = min(rows, packed.rows - s)
@@ -87,9 +130,12 @@ def pair_batches(tokenizer: Any, pairs: Sequence[tuple[str, str]], spec: Any
     last = np.zeros(rows * per_row, np.int64)
     np.maximum.at(last, slot_of[pair.ravel()[flat]], flat)  # each pair's last flat position
     batches.append({"tokens": a["tokens"][take], "mask": a["attention_mask"][take],
-                    "segments": a["segment_ids"][take], "positions": a["positions"][take],
+                    "segments": segments[take].astype(np.int32),
+                    "attend": attend[take].astype(np.int32),
+                    "positions": a["pos"][take].astype(np.int32),
                     "owner": owner.astype(np.int32), "index": slots,
-                    "row": (last // width).astype(np.int32), "last": (last % width).astype(np.int32)})
+                    "row": (last // width).astype(np.int32),
+                    "last": (last % width).astype(np.int32)})
   return batches
 
 
@@ -99,7 +145,8 @@ def batch_features(graphdef, state, batch, *, layers: tuple[int, ...]):
   per slot of a packed batch (empty slots: row 0's first token and zeros)."""
   model = nnx.merge(graphdef, state)
   out = model(batch["tokens"], batch["mask"], segment_ids=batch["segments"],
-              positions=batch["positions"], return_all_hidden=True, return_logits=False)
+              attend_to=batch["attend"], positions=batch["positions"], return_all_hidden=True,
+              return_logits=False)
   h = out.all_hidden[np.asarray(layers)].astype(jnp.float32)  # [L',R,W,D]
   slots = batch["row"].shape[0]
   w = (batch["owner"][None] == jnp.arange(slots)[:, None, None]).astype(jnp.float32)  # [K,R,W]
@@ -107,4 +154,5 @@ def batch_features(graphdef, state, batch, *, layers: tuple[int, ...]):
   return h[:, batch["row"], batch["last"]], mean
 
 
-__all__ = ["QUESTION", "render_ids", "row_shape", "pair_batches", "batch_features"]
+__all__ = ["QUESTION", "render_ids", "row_shape", "prompt_chunks", "pair_batches",
+           "batch_features"]

@@ -110,6 +110,7 @@ class Decoder(nnx.Module):
       *,
       positions: jax.Array | None = None,
       segment_ids: jax.Array | None = None,
+      attend_to: jax.Array | None = None,
       hidden_positions: jax.Array | None = None,
       return_all_hidden: bool = False,
       return_logits: bool = True,
@@ -121,7 +122,9 @@ class Decoder(nnx.Module):
     hidden_positions [B]: also return every layer's hidden state at that token of each row (the
     refusal feature reads the last prompt token). `segment_ids` [B,T] (packed rows: one id per
     example, 0 on padding, SHARED_SEGMENT on a row's shared prefix): a token attends within its
-    segment and to the shared prefix; positions restart per segment unless given. With `cache`,
+    segment and to the shared prefix; positions restart per segment unless given. `attend_to`
+    [B,T]: the one other segment each token sees instead of SHARED_SEGMENT's (a prompt that several
+    answers share, `refjax.evaluation.judge_features`). With `cache`,
     the tokens fill slots `cache.index ...` and attend to every valid earlier slot; the updated
     cache is returned.
     `unstacked` (from `self.unstack()`, made once outside a decode loop) runs the layers unrolled.
@@ -133,6 +136,8 @@ class Decoder(nnx.Module):
     attention_mask = attention_mask.astype(jnp.int32)
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed rows) are for training passes, not cached decoding")
+    if attend_to is not None and segment_ids is None:
+      raise ValueError("attend_to names segments: pass segment_ids with it")
     if positions is None:
       if segment_ids is not None:
         positions = positions_from_segments(segment_ids)
@@ -146,8 +151,10 @@ class Decoder(nnx.Module):
     if cache is None:
       key_mask, q_slots, index = attention_mask, jnp.arange(t), None
       if segment_ids is not None:  # [B,T,T]: same segment or the row's shared prefix, real key
+        also = (jnp.full_like(segment_ids, SHARED_SEGMENT) if attend_to is None
+                else attend_to.astype(segment_ids.dtype))
         key_mask = ((segment_ids[:, :, None] == segment_ids[:, None, :])
-                    | (segment_ids[:, None, :] == SHARED_SEGMENT)) & (
+                    | (segment_ids[:, None, :] == also[:, :, None])) & (
                         attention_mask[:, None, :] > 0)
     else:
       index = cache.index
