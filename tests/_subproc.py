@@ -14,9 +14,11 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def env(cache_dir: Path | None = None, devices: int = 1, **extra: str) -> dict[str, str]:
-  """The child's environment: this repo importable, `devices` fake CPU devices, and a shared
-  persistent compilation cache so repeated runs of one program compile once."""
+  """The child's environment: this repo importable, `devices` fake CPU devices, a shared
+  persistent compilation cache so repeated runs of one program compile once, and PYTHON (what the
+  launch scripts run) the interpreter running the tests, not whichever `python` PATH finds."""
   e = dict(os.environ)
+  e.setdefault("PYTHON", sys.executable)
   e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
   flags = [FAST_COMPILE] + ([f"--xla_force_host_platform_device_count={devices}"]
                             if devices > 1 else [])
