@@ -110,11 +110,13 @@ def test_packed_features_equal_each_pair_run_alone():
                "a third answer to why", "sure", "and a fifth one to the same question"]
   batches = pair_batches(tok, list(zip(prompts, responses)), s)
   assert any(len(np.unique(row[row > 0])) >= 2 for b in batches for row in b["segments"])
-  shared = [(seg != att).sum() for b in batches for seg, att in zip(b["segments"], b["attend"])]
+  riding = [len(np.unique(seg[(att == a) & (seg != a)]))  # answers that see prompt segment a
+            for b in batches for seg, att in zip(b["segments"], b["attend"])
+            for a in np.unique(att[att > 0])]
   tokens = sum(int(m.sum()) for b in batches for m, o in zip(b["mask"], b["owner"])
                if (o >= 0).any())  # a short batch's repeated rows own no pair
   alone = sum(len(render_ids(tok, p, r, 64, 64)[0]) for p, r in zip(prompts, responses))
-  assert max(shared) > 0 and tokens < alone  # some answers ride on a prompt held once
+  assert max(riding) == 3 and tokens < alone  # three of "why"'s four answers share one copy
   got = QAJudge(s, backbone, tok, np.zeros(1), np.ones(1), None, 0.5).features(prompts, responses)
   want = []
   for p, r in zip(prompts, responses):

@@ -11,6 +11,7 @@ never on the validation pairs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +30,8 @@ from refjax.evaluation.judges import check_pairs
 from refjax.files import read_json, read_npz, write_json, write_npz
 from refjax.models.decoder import keep_layers
 from refjax.models.layers import param
+
+log = logging.getLogger(__name__)
 
 NAME = "qa_probe"
 POOLINGS = ("last", "mean", "both")
@@ -140,6 +143,11 @@ class QAJudge:
     n = len(prompts)
     last = mean = None
     batches = pair_batches(self.tokenizer, list(zip(prompts, responses)), self.spec)
+    if batches:  # the token slots the backbone runs (a short batch's repeated rows own no pair)
+      width = batches[0]["tokens"].shape[1]
+      rows = sum(int((b["owner"] >= 0).any(1).sum()) for b in batches)
+      log.info("judge features: %d pairs in %d rows of %d tokens, %d token slots", n, rows,
+               width, rows * width)
     for batch in tqdm(batches, desc="judge features", unit="batch", disable=len(batches) < 8):
       lo, mo = jax.device_get(batch_features(self.graphdef, self.state,
                                              {k: v for k, v in batch.items() if k != "index"},
