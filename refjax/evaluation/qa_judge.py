@@ -143,11 +143,11 @@ class QAJudge:
     n = len(prompts)
     last = mean = None
     batches = pair_batches(self.tokenizer, list(zip(prompts, responses)), self.spec)
-    if batches:  # the token slots the backbone runs (a short batch's repeated rows own no pair)
-      width = batches[0]["tokens"].shape[1]
+    if batches:  # the slots the backbone runs count the last batch's fill rows (they own no pair)
+      size, width = batches[0]["tokens"].shape
       rows = sum(int((b["owner"] >= 0).any(1).sum()) for b in batches)
-      log.info("judge features: %d pairs in %d rows of %d tokens, %d token slots", n, rows,
-               width, rows * width)
+      log.info("judge features: %d pairs in %d rows of %d tokens, %d batches of %d rows: %d token "
+               "slots", n, rows, width, len(batches), size, len(batches) * size * width)
     for batch in tqdm(batches, desc="judge features", unit="batch", disable=len(batches) < 8):
       lo, mo = jax.device_get(batch_features(self.graphdef, self.state,
                                              {k: v for k, v in batch.items() if k != "index"},
